@@ -1,0 +1,216 @@
+"""The crosscoder: one sparse dictionary over the activations of S snapshots of one model.
+
+Axes: B batch (tokens), S snapshots, D model width, F dictionary size (latents).
+
+    f      = act( sum_s a_s W_enc[s] + b_enc )                  [B, F]
+    a_hat_s = f W_dec[:, s] + b_dec[s]                          [B, S, D]
+    loss   = sum_s ||a_s - a_hat_s||^2 + l1_coef * sum_i f_i sum_s ||W_dec[i, s]||   (mean over tokens)
+
+The sparsity weight is the sum of per-snapshot decoder norms (Lindsey et al. 2024), which lets a latent
+exist at some snapshots and not at others; ||W_dec[i, s]|| is read as feature i's strength at snapshot s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
+WEIGHTS_NAME = "crosscoder.safetensors"
+
+
+class CrosscoderOutput(NamedTuple):
+    latents: torch.Tensor  # [B, F] feature activations f (after the activation function)
+    recon: torch.Tensor  # [B, S, D] reconstruction a_hat, in normalised units
+    pre_acts: torch.Tensor  # [B, F] encoder pre-activations (before the activation function)
+
+
+class LossTerms(NamedTuple):
+    mse: torch.Tensor  # scalar: sum over snapshots of squared error, mean over tokens
+    sparsity: torch.Tensor  # scalar: the penalty before l1_coef (L1 or, for jumprelu, L0-style)
+    l0: torch.Tensor  # scalar: mean number of active latents per token
+
+
+def _step_ste(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Heaviside(x - threshold) whose gradient w.r.t. the threshold is a rectangle-kernel estimate.
+
+    Rajamanoharan et al. 2024 (JumpReLU SAEs): d/dt H(x - t) ~ -1/eps * rect((x - t)/eps).
+    """
+    return _JumpStep.apply(x, threshold, bandwidth)
+
+
+class _JumpStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, threshold, bandwidth):
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        window = ((x - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_t = (-grad * window / eps).sum(0)
+        return None, grad_t, None
+
+
+class _JumpReLU(torch.autograd.Function):
+    """x * H(x - t): exact gradient w.r.t. x where open, straight-through estimate w.r.t. t."""
+
+    @staticmethod
+    def forward(ctx, x, threshold, bandwidth):
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        open_ = (x > threshold).to(grad.dtype)
+        window = ((x - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_t = (-grad * threshold / eps * window).sum(0)
+        return grad * open_, grad_t, None
+
+
+class Crosscoder(nn.Module):
+    """W_enc [S, D, F], b_enc [F], W_dec [F, S, D], b_dec [S, D]; ``scale`` [S] is the per-snapshot
+    normalisation factor applied to raw activations before encoding (kept with the weights so decoder
+    norms stay comparable across snapshots and raw activations can be reconstructed)."""
+
+    def __init__(self, n_snapshots: int, d_model: int, d_sae: int, activation: str = "relu",
+                 k: int = 32, dec_init_norm: float = 0.1, jumprelu_init_threshold: float = 0.001,
+                 jumprelu_bandwidth: float = 0.001, snapshot_names: list[str] | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"crosscoder.activation: '{activation}' is not one of {ACTIVATIONS}")
+        if activation in ("topk", "batchtopk") and not 0 < k <= d_sae:
+            raise ValueError(f"crosscoder.k: {k} must be in 1..d_sae={d_sae}")
+        S, D, F = n_snapshots, d_model, d_sae
+        self.n_snapshots, self.d_model, self.d_sae = S, D, F
+        self.activation, self.k = activation, k
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+        self.snapshot_names = list(snapshot_names) if snapshot_names else [f"snapshot{i}" for i in range(S)]
+        if len(self.snapshot_names) != S:
+            raise ValueError(f"snapshot_names has {len(self.snapshot_names)} names for {S} snapshots")
+        self.W_enc = nn.Parameter(torch.empty(S, D, F))
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.W_dec = nn.Parameter(torch.empty(F, S, D))
+        self.b_dec = nn.Parameter(torch.zeros(S, D))
+        self.register_buffer("scale", torch.ones(S))
+        if activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((F,), float(torch.tensor(jumprelu_init_threshold).log())))
+        # BatchTopK uses a per-batch threshold in training and this running estimate at inference
+        # (Bussmann et al. 2024), so a token's code does not depend on the rest of its batch.
+        self.register_buffer("batchtopk_threshold", torch.tensor(-1.0))
+        self.reset_parameters(dec_init_norm)
+
+    @torch.no_grad()
+    def reset_parameters(self, dec_init_norm: float = 0.1) -> None:
+        # One random direction per latent, repeated for every snapshot (as in the paper's code), so all
+        # snapshots start equal and differences in decoder norm come from the data alone.
+        direction = torch.randn(self.d_sae, 1, self.d_model)
+        direction = direction / direction.norm(dim=-1, keepdim=True) * dec_init_norm
+        self.W_dec.copy_(direction.expand(-1, self.n_snapshots, -1))
+        self.W_enc.copy_(self.W_dec.permute(1, 2, 0))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_b_dec(self, mean: torch.Tensor) -> None:
+        """mean: [S, D] mean of the normalised activations."""
+        self.b_dec.copy_(mean)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[F, S]: ||W_dec[i, s]||, the strength of feature i at snapshot s."""
+        return self.W_dec.norm(dim=-1)
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, D] normalised activations -> pre-activations [B, F] (one matmul over S*D)."""
+        B = x.shape[0]
+        return x.reshape(B, -1) @ self.W_enc.reshape(-1, self.d_sae) + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(pre)
+        if self.activation == "jumprelu":
+            return _JumpReLU.apply(pre, self.log_threshold.exp(), self.jumprelu_bandwidth)
+        # TopK variants rank by the latent's contribution to the reconstruction, f_i * sum_s ||W_dec[i,s]||,
+        # so a latent with a tiny decoder cannot win a slot by a large activation alone.
+        post = torch.relu(pre)
+        score = post * self.decoder_norms().sum(-1)
+        if self.activation == "topk":
+            idx = score.topk(self.k, dim=-1).indices
+            return torch.zeros_like(post).scatter(-1, idx, post.gather(-1, idx))
+        if self.training:
+            n = min(self.k * pre.shape[0], score.numel())
+            flat_idx = score.flatten().topk(n).indices
+            kept = torch.zeros_like(post).flatten().scatter(0, flat_idx, post.flatten().gather(0, flat_idx))
+            with torch.no_grad():
+                t = score.flatten()[flat_idx].min()
+                self.batchtopk_threshold.copy_(t if self.batchtopk_threshold < 0 else
+                                               0.99 * self.batchtopk_threshold + 0.01 * t)
+            return kept.view_as(post)
+        return post * (score > self.batchtopk_threshold.clamp(min=0)).to(post.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, F] -> reconstruction [B, S, D]."""
+        B = latents.shape[0]
+        return (latents @ self.W_dec.reshape(self.d_sae, -1)).view(B, self.n_snapshots, self.d_model) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> CrosscoderOutput:
+        """x: [B, S, D] normalised activations."""
+        pre = self.encode_pre(x)
+        latents = self.activate(pre)
+        return CrosscoderOutput(latents=latents, recon=self.decode(latents), pre_acts=pre)
+
+    def loss_terms(self, x: torch.Tensor, out: CrosscoderOutput) -> LossTerms:
+        mse = (out.recon - x).pow(2).sum(dim=(1, 2)).mean()
+        dec_norm_sum = self.decoder_norms().sum(-1)  # [F]
+        active = (out.latents > 0).to(x.dtype)
+        if self.activation == "jumprelu":
+            # L0-style penalty: the number of open gates, each weighted by the latent's decoder norm sum;
+            # the step's straight-through gradient is what trains the thresholds.
+            gates = _step_ste(out.pre_acts, self.log_threshold.exp(), self.jumprelu_bandwidth)
+            sparsity = (gates * dec_norm_sum).sum(-1).mean()
+        else:
+            sparsity = (out.latents * dec_norm_sum).sum(-1).mean()
+        return LossTerms(mse=mse, sparsity=sparsity, l0=active.sum(-1).mean())
+
+    # ---- export -----------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return dict(n_snapshots=self.n_snapshots, d_model=self.d_model, d_sae=self.d_sae,
+                    activation=self.activation, k=self.k, jumprelu_bandwidth=self.jumprelu_bandwidth,
+                    snapshot_names=self.snapshot_names)
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """Write ``crosscoder.safetensors`` (weights, ``scale`` and the config as metadata) atomically."""
+        from safetensors.torch import save_file
+        path = Path(run_dir) / WEIGHTS_NAME
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config())})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "Crosscoder":
+        """Load from a run directory (or the .safetensors file itself)."""
+        from safetensors import safe_open
+        path = Path(run_dir)
+        if path.is_dir():
+            path = path / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no crosscoder weights here (expected {WEIGHTS_NAME} in the run directory)")
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            config = json.loads(f.metadata()["config"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model = cls(**config).to(device)
+        model.load_state_dict(state)
+        return model
