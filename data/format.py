@@ -363,6 +363,12 @@ def from_storage(stored: np.ndarray, dtype: str) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
+def all_finite(stored: np.ndarray, dtype: str) -> bool:
+    if dtype == "bfloat16":  # exponent bits all ones = Inf or NaN
+        return not ((stored & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(stored).all())
+
+
 def decode_sample(files: dict[str, bytes], manifest: Manifest, where: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Decode and check one sample's files. Returns (acts [T, S, D] as stored, tokens [T], meta)."""
     T, S, D = manifest.tokens_per_sample, len(manifest.snapshots), manifest.d_model
@@ -383,6 +389,8 @@ def decode_sample(files: dict[str, bytes], manifest: Manifest, where: str) -> tu
         raise FormatError(f"{where}: acts.npy is {acts.dtype}, manifest says {manifest.dtype}")
     if tokens.shape != (T,):
         raise FormatError(f"{where}: tokens.npy has shape {tokens.shape}, manifest says ({T},)")
+    if not all_finite(acts, manifest.dtype):
+        raise FormatError(f"{where}: acts.npy holds NaN or Inf values")
     meta = json.loads(files["json"]) if "json" in files else {}
     return acts, tokens, meta
 

@@ -1,0 +1,65 @@
+"""Train a crosscoder on cached multi-snapshot activations.
+
+    python train.py                                   # offline default: mini-Pythia suite, cached, trained
+    python train.py data.path=<dataset folder>        # any folder in the shard format (docs/FORMAT.md)
+    python train.py -m crosscoder.d_sae=512,1024 crosscoder.l1_coef=1,2   # sweep, with a summary table
+
+This file only composes: everything it builds comes from conf/ through ``_target_``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from data.format import write_atomic  # noqa: E402
+
+
+def dataset_path(cfg: DictConfig) -> str:
+    """The activation dataset: ``data.path`` if given, else the cache of ``model`` on ``corpus``."""
+    if cfg.data.path is not None:
+        return str(cfg.data.path)
+    if "model" not in cfg or "cache" not in cfg:
+        raise ValueError("data.path is null and no model/cache config is selected: set data.path=<dataset folder>")
+    from data.cache import ensure_cached
+    return str(ensure_cached(cfg.model, cfg.cache, instantiate(cfg.corpus), cfg.paths.cache_dir))
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    with open_dict(cfg):
+        cfg.data.path = dataset_path(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = instantiate(cfg.crosscoder, n_snapshots=datamodule.n_snapshots, d_model=datamodule.d_model,
+                         snapshot_names=datamodule.snapshot_names, norm_scale=datamodule.norm_scale(),
+                         data_mean=datamodule.raw_mean())
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if trainer.is_global_zero:
+        print(f"run folder:  {run_dir}\ntensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # Returned for Hydra sweepers that optimise a value (e.g. Optuna): higher is better.
+    return metrics.get("val/explained_variance")
+
+
+if __name__ == "__main__":
+    main()
