@@ -85,7 +85,8 @@ class CrosscoderModule(L.LightningModule):
                                      "the last checkpoint holds the last good weights")
         self.firing.update(out.latents)
         self.log_dict({"train/loss": loss, "train/mse": terms.mse, "train/sparsity": terms.sparsity,
-                       "train/l0": terms.l0, "train/l1_coef": coef}, prog_bar=False)
+                       "train/l0": terms.l0, "train/l1_coef": coef,
+                       "train/lr": self.lr_schedulers().get_last_lr()[0]}, prog_bar=False)
         self.log("l0", terms.l0, prog_bar=True, logger=False)
         return loss
 

@@ -61,9 +61,12 @@ def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, 
     """webdataset stage: windows -> float32 batches [B, S, D], shuffled at the token level.
 
     A mixing buffer (as in SAELens): fill it, permute, hand out the first half as batches, keep the
-    second half; so each token is mixed with about ``buffer_tokens`` others from several shards.
+    second half; so each token is mixed with about ``buffer_tokens`` others from several shards. At an
+    epoch boundary the buffer is emptied (but for a remainder smaller than one batch, which leads the
+    next epoch), so the batches of one epoch hold each of its tokens exactly once.
     ``buffer_tokens=0`` keeps the stored order (validation).
     """
+    shuffled = buffer_tokens > 0
 
     def stage(windows: Iterator[tuple[int, np.ndarray]]) -> Iterator[torch.Tensor]:
         rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
@@ -71,29 +74,32 @@ def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, 
         buf: np.ndarray | None = None
         filled = 0
         capacity = max(buffer_tokens, batch_size)
+        current_epoch = 0
 
-        def emit(n: int, shuffled: bool) -> Iterator[torch.Tensor]:
+        def emit(n: int) -> Iterator[torch.Tensor]:
+            """Hand out n (a multiple of batch_size) buffered tokens; keep the rest."""
             nonlocal filled
             order = rng.permutation(filled) if shuffled else np.arange(filled)
             out = buf[order[:n]]
             keep = buf[order[n:filled]]
             filled = len(keep)
             buf[:filled] = keep
-            for i in range(0, n - batch_size + 1, batch_size):
+            for i in range(0, n, batch_size):
                 yield torch.from_numpy(from_storage(out[i:i + batch_size], dtype).copy())
 
-        for _epoch, acts in windows:
+        for epoch, acts in windows:
             if buf is None:
                 buf = np.empty((capacity + acts.shape[0], *acts.shape[1:]), dtype=acts.dtype)
+            if epoch != current_epoch:
+                current_epoch = epoch
+                yield from emit(filled // batch_size * batch_size)
             buf[filled:filled + len(acts)] = acts
             filled += len(acts)
             if filled >= capacity:
-                n = (filled // 2 if buffer_tokens else filled) // batch_size * batch_size
-                yield from emit(max(n, batch_size), shuffled=buffer_tokens > 0)
-        if buf is not None and filled:
-            rest = filled // batch_size * batch_size
-            if rest:
-                yield from emit(rest, shuffled=buffer_tokens > 0)
+                half = (filled // 2 if shuffled else filled) // batch_size * batch_size
+                yield from emit(max(half, batch_size))
+        if buf is not None:
+            yield from emit(filled // batch_size * batch_size)
             if filled and not drop_last:
                 yield torch.from_numpy(from_storage(buf[:filled], dtype).copy())
     return stage

@@ -201,7 +201,8 @@ def to_storage(acts: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         import torch
         return torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    out = acts.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the value that caused it
+        out = acts.astype(dtype, copy=False)
     if dtype == "float16" and not np.isfinite(out).all() and np.isfinite(acts).all():
         raise FormatError(f"activations exceed the float16 range (max |a| = {np.abs(acts).max():.4g}); "
                           "store them as bfloat16 or float32")

@@ -1,0 +1,58 @@
+"""Shared fixtures: small datasets in the real shard format, and Hydra configs composed as train.py does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+from data.format import DatasetWriter, Snapshot  # noqa: E402
+
+
+def write_toy_dataset(folder: Path, *, n_samples: int = 40, tokens_per_sample: int = 32, n_snapshots: int = 3,
+                      d_model: int = 16, n_features: int = 48, samples_per_shard: int = 10,
+                      dtype: str = "float32", seed: int = 0) -> Path:
+    """Sparse codes over random directions; snapshot s sees the same code with its direction set
+    scaled by (s + 1), so a token's activations are aligned across snapshots in a checkable way:
+    acts[:, s] == (s + 1) * acts[:, 0]. Token ids count up globally, so every token is identifiable."""
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((n_features, d_model))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    snapshots = [Snapshot(f"step{2 ** s if s else 0}", 2 ** s if s else 0) for s in range(n_snapshots)]
+    with DatasetWriter(folder, model="toy", hook_point="toy.resid", snapshots=snapshots, d_model=d_model,
+                       tokens_per_sample=tokens_per_sample, dtype=dtype,
+                       samples_per_shard=samples_per_shard) as writer:
+        for i in range(n_samples):
+            code = (rng.random((tokens_per_sample, n_features)) < 0.08) * rng.exponential(1.0, (tokens_per_sample, n_features))
+            base = code @ dirs + 0.01 * rng.standard_normal((tokens_per_sample, d_model))
+            acts = np.stack([(s + 1) * base for s in range(n_snapshots)], axis=1)
+            tokens = np.arange(i * tokens_per_sample, (i + 1) * tokens_per_sample, dtype=np.int32)
+            writer.write(acts.astype(np.float32), tokens, doc=i, start=0)
+    return folder
+
+
+@pytest.fixture
+def toy_dataset(tmp_path: Path) -> Path:
+    return write_toy_dataset(tmp_path / "toy")
+
+
+def compose_train(overrides: list[str], run_dir: Path):
+    """The train config as Hydra composes it for train.py, with the run folder pinned to ``run_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        del cfg.hydra
+    return cfg
