@@ -1,0 +1,13 @@
+"""Reading a trained crosscoder: the paper's feature-evolution analyses (docs/ANALYSIS.md).
+
+The pipeline, one module each:
+    run_files    a run folder -> model, config, metrics, dataset, snapshot steps, tokenizer, loss curve
+    activations  one pass over cached tokens -> firing counts, per-snapshot EV / L0, top contexts
+    evolution    decoder norms (+ firing) -> the per-feature table (features.parquet) and projections
+    summary      table + pass -> summary.json (everything the figures show)
+    figures      summary.json + features table -> PNG figures (+ TensorBoard images)
+    browser      top contexts of chosen features, decoded with the suite's tokenizer
+    report       one self-contained report.html (figures embedded, readable offline)
+    sweep        a multirun folder -> EV vs L0 frontier, crosscoders against single-snapshot SAEs
+analyze.py composes them.
+"""

@@ -1,0 +1,32 @@
+"""Schema of conf/analyze.yaml (a Hydra structured config, so a typo or wrong type fails with the key named)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class AnalyzeConfig:
+    run: Optional[str] = None  # a run folder written by train.py
+    sweep: Optional[str] = None  # a multirun folder: <sweep>/<job>/ run folders
+    out: Optional[str] = None  # output folder; null = <run>/analysis or <sweep>/analysis
+    emergence_fraction: float = 0.2  # a feature exists at s when ||W_dec[i,s]|| >= this x its maximum
+    active_threshold: float = 0.01  # feature active at s when f_i ||W_dec[i,s]|| > this x sqrt(D)
+    max_tokens: int = 262_144  # tokens read by the activation pass (held-out shards first)
+    batch_size: int = 2048  # tokens per forward pass
+    device: str = "cpu"
+    n_browser_features: int = 24  # features shown in the browser
+    n_contexts: int = 6  # top contexts shown per feature and view
+    browser_snapshots: int = 4  # snapshots (evenly spaced) whose own encoder term is ranked in the browser
+    context_before: int = 12  # tokens shown before the highlighted token
+    context_after: int = 4  # tokens shown after it
+    baselines: Optional[Any] = None  # single-snapshot SAE runs for figure 4: a sweep folder or list of run folders
+    tensorboard: bool = True  # also log the figures as TensorBoard images under <out>/tensorboard
+    seed: int = 0  # random choice of browser features per category
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
