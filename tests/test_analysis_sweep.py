@@ -88,13 +88,15 @@ def test_sweep_without_sae_runs_still_draws(tmp_path):
     assert "sae" not in json.loads((out / "sweep_analysis.json").read_text())["frontier"]
 
 
-def test_command_line_sweep_and_errors(sweep, tmp_path):
+def test_command_line_and_errors(sweep, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), f"sweep={sweep}", f"out={tmp_path / 'o'}",
                            "tensorboard=false"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "o" / "report.html").is_file()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()  # Hydra writes nothing
-    bad = subprocess.run([sys.executable, str(ROOT / "analyze.py"), f"sweep={tmp_path / 'nowhere'}"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert bad.returncode != 0 and "nowhere: no such sweep or run folder" in bad.stderr
+    from analyze import analyze_sweep, main
+    with pytest.raises(FileNotFoundError, match="nowhere: no such sweep or run folder"):
+        analyze_sweep(compose_analyze([f"sweep={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ValueError, match="exactly one of run=<run folder> or sweep=<multirun folder>"):
+        main.__wrapped__(compose_analyze([]))
