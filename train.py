@@ -32,6 +32,14 @@ def dataset_path(cfg: DictConfig) -> str:
     return str(ensure_cached(cfg.model, cfg.cache, instantiate(cfg.corpus), cfg.paths.cache_dir))
 
 
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=true`` continues from this run folder's last checkpoint when there is one."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume and last.is_file():
+        return str(last)
+    return cfg.ckpt_path
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
@@ -48,7 +56,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
+    if module.last_validated_step != trainer.global_step:  # metrics.json must describe the final weights
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
         print(f"run folder:  {run_dir}\ntensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

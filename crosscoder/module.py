@@ -46,6 +46,8 @@ class CrosscoderModule(L.LightningModule):
         self.val_ev = ExplainedVariance(n_snapshots, d_model)
         self.val_l0 = MeanMetric()  # the shared code's L0 is the same at every snapshot
         self.firing = FeatureFiring(d_sae, window=dead_window_tokens)
+        self.firing.persistent(True)  # dead-feature counters survive a resume
+        self.last_validated_step = -1
 
     # ---- schedules -----------------------------------------------------------------------------
     def _steps(self, value: int | float) -> int:
@@ -93,6 +95,9 @@ class CrosscoderModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
             self.log("train/dead_fraction", self.firing.compute().float())
+            skipped = getattr(self.trainer.datamodule, "skipped_shards", None)
+            if skipped is not None:
+                self.log("data/skipped_shards", float(skipped.value))
 
     # ---- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -115,6 +120,7 @@ class CrosscoderModule(L.LightningModule):
         self.log("val_ev", metrics["val/explained_variance"], prog_bar=True, logger=False)
         self.val_ev.reset()
         self.val_l0.reset()
+        self.last_validated_step = self.global_step
 
     # ---- optimiser -----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -3,7 +3,7 @@
 The pipeline is a webdataset ``DataPipeline``:
 
     shard list (reshuffled every epoch, repeats forever for training)
-      -> split_by_node (DDP ranks) -> split_by_worker (DataLoader workers)
+      -> an equal share of the windows for each (DDP rank, DataLoader worker)
       -> read + verify each shard, select snapshots   -> context windows [T, S, D]
       -> token-level shuffle buffer                    -> batches [B, S, D]
 
@@ -13,7 +13,9 @@ statistics) and the crosscoder applies it, so the scale is stored with the weigh
 
 from __future__ import annotations
 
+import logging
 import math
+import multiprocessing
 from pathlib import Path
 from typing import Iterator
 
@@ -25,39 +27,88 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from data.format import FormatError, Manifest, ShardEntry, from_storage, read_manifest, read_shard
 
+log = logging.getLogger(__name__)
 
-class EpochShards(IterableDataset):
-    """The shard list as webdataset source dicts; a new permutation each epoch, forever if ``repeat``."""
 
-    def __init__(self, folder: Path, shards: list[ShardEntry], seed: int, shuffle: bool, repeat: bool):
-        self.folder, self.shards, self.seed, self.shuffle, self.repeat = folder, shards, seed, shuffle, repeat
+def slot_ranges(counts: list[int], slot: int, n_slots: int) -> list[tuple[int, int, int]]:
+    """Split windows laid end to end (shard i holds counts[i]) into n_slots contiguous, near-equal parts.
+
+    Returns slot's part as (shard position, first window, end window) triples. Every window belongs to
+    exactly one slot, so an epoch over all slots sees each token once, whatever the shard count.
+    """
+    total = sum(counts)
+    lo, hi = total * slot // n_slots, total * (slot + 1) // n_slots
+    out, offset = [], 0
+    for i, n in enumerate(counts):
+        a, b = max(lo - offset, 0), min(hi - offset, n)
+        if a < b:
+            out.append((i, a, b))
+        offset += n
+    return out
+
+
+class ShardWindows(IterableDataset):
+    """webdataset source: which windows of which shards this (rank, worker) reads, epoch after epoch.
+
+    Each epoch permutes the shards (seeded by the epoch) and gives every (DDP rank, DataLoader worker)
+    slot a contiguous, equal share of the windows (instead of whole shards, which would need a shard
+    count divisible by ranks x workers to see every token exactly once).
+    """
+
+    def __init__(self, folder: Path, shards: list[ShardEntry], seed: int, shuffle: bool, repeat: bool,
+                 max_windows: int | None = None):
+        self.folder, self.shards, self.seed = folder, shards, seed
+        self.shuffle, self.repeat, self.max_windows = shuffle, repeat, max_windows
 
     def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
+        slot, n_slots = rank * n_workers + worker, world * n_workers
         epoch = 0
         while True:
             order = np.arange(len(self.shards))
             if self.shuffle:
                 order = np.random.default_rng((self.seed, epoch)).permutation(order)
-            for i in order:
-                entry = self.shards[i]
-                yield {"url": str(self.folder / entry.file), "entry": entry, "epoch": epoch}
+            counts = [self.shards[i].samples for i in order]
+            if self.max_windows is not None:  # a prefix of the (unshuffled) stream, e.g. for validation
+                counts = list(np.diff(np.minimum(np.cumsum([0] + counts), self.max_windows)))
+            for pos, first, end in slot_ranges(counts, slot, n_slots):
+                entry = self.shards[order[pos]]
+                yield {"url": str(self.folder / entry.file), "entry": entry, "epoch": epoch,
+                       "first": first, "end": end}
             epoch += 1
             if not self.repeat:
                 return
 
 
-def read_windows(manifest: Manifest, snapshot_idx: list[int], verify: bool):
-    """webdataset stage: shard source dicts -> (epoch, context windows [T, S_selected, D] in storage dtype)."""
+def read_windows(manifest: Manifest, snapshot_idx: list[int], verify: bool, on_corrupt: str = "error",
+                 skipped=None):
+    """webdataset stage: shard parts -> (epoch, context windows [T, S_selected, D] in storage dtype).
+
+    on_corrupt="skip" drops a shard that fails its checks (counting it in ``skipped``, a shared
+    multiprocessing value) instead of stopping; its windows read before the fault are kept.
+    """
     select_all = snapshot_idx == list(range(len(manifest.snapshots)))
 
     def stage(sources: Iterator[dict]) -> Iterator[tuple[int, np.ndarray]]:
         for src in sources:
-            for acts, _tokens, _meta in read_shard(Path(src["url"]), src["entry"], manifest, verify=verify):
-                yield src["epoch"], acts if select_all else acts[:, snapshot_idx]
+            try:
+                for i, (acts, _tokens, _meta) in enumerate(read_shard(Path(src["url"]), src["entry"], manifest, verify=verify)):
+                    if src["first"] <= i < src["end"]:
+                        yield src["epoch"], acts if select_all else acts[:, snapshot_idx]
+                    elif i >= src["end"]:
+                        break
+            except FormatError as e:
+                if on_corrupt != "skip":
+                    raise
+                log.warning("skipping shard: %s", e)
+                if skipped is not None:
+                    with skipped.get_lock():
+                        skipped.value += 1
     return stage
 
 
-def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, drop_last: bool):
+def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, drop_last: bool,
+                    skip_batches: int = 0):
     """webdataset stage: windows -> float32 batches [B, S, D], shuffled at the token level.
 
     A mixing buffer (as in SAELens): fill it, permute, hand out the first half as batches, keep the
@@ -65,6 +116,10 @@ def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, 
     epoch boundary the buffer is emptied (but for a remainder smaller than one batch, which leads the
     next epoch), so the batches of one epoch hold each of its tokens exactly once.
     ``buffer_tokens=0`` keeps the stored order (validation).
+
+    ``skip_batches`` (resuming) replays the stream and drops the first batches the DataLoader already
+    handed out; workers hand out batches in turn, so worker w of n drops those numbered w, w+n, ...
+    Replaying instead of seeking keeps the resumed stream identical to the uninterrupted one.
     """
     shuffled = buffer_tokens > 0
 
@@ -75,16 +130,20 @@ def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, 
         filled = 0
         capacity = max(buffer_tokens, batch_size)
         current_epoch = 0
+        to_skip = len(range(worker, skip_batches, n_workers))
 
         def emit(n: int) -> Iterator[torch.Tensor]:
             """Hand out n (a multiple of batch_size) buffered tokens; keep the rest."""
-            nonlocal filled
+            nonlocal filled, to_skip
             order = rng.permutation(filled) if shuffled else np.arange(filled)
             out = buf[order[:n]]
             keep = buf[order[n:filled]]
             filled = len(keep)
             buf[:filled] = keep
             for i in range(0, n, batch_size):
+                if to_skip:
+                    to_skip -= 1
+                    continue
                 yield torch.from_numpy(from_storage(out[i:i + batch_size], dtype).copy())
 
         for epoch, acts in windows:
@@ -110,14 +169,19 @@ class ActivationDataModule(L.LightningDataModule):
 
     def __init__(self, path: str | None, snapshots: list[str] | None = None, batch_size: int = 4096,
                  shuffle_buffer: int = 262_144, val_shards: int = 1, val_tokens: int | None = 262_144,
-                 num_workers: int = 1, verify_sha256: bool = True, seed: int = 0):
+                 num_workers: int = 1, verify_sha256: bool = True, on_corrupt: str = "error", seed: int = 0):
         super().__init__()
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"data.on_corrupt: '{on_corrupt}' is not one of ('error', 'skip')")
         self.path = Path(path) if path is not None else None
         self.snapshot_selection = list(snapshots) if snapshots is not None else None
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.val_shards, self.val_tokens = val_shards, val_tokens
-        self.num_workers, self.verify, self.seed = num_workers, verify_sha256, seed
+        self.num_workers, self.verify, self.on_corrupt, self.seed = num_workers, verify_sha256, on_corrupt, seed
         self.manifest: Manifest | None = None
+        self.resume_batches = 0  # training batches this rank consumed before a resume
+        # shards skipped as corrupt, counted across DataLoader worker processes
+        self.skipped_shards = multiprocessing.get_context("fork").Value("i", 0)
 
     # ---- what the model needs to know about the data -------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -149,6 +213,10 @@ class ActivationDataModule(L.LightningDataModule):
     def d_model(self) -> int:
         return self.manifest.d_model
 
+    @property
+    def train_tokens_per_epoch(self) -> int:
+        return sum(e.tokens for e in self.train_entries)
+
     def norm_scale(self) -> torch.Tensor:
         """[S]: factor that brings each snapshot's mean activation norm to sqrt(D) (as in the paper)."""
         norms = torch.tensor([self.manifest.stats[n].mean_norm for n in self.snapshot_names], dtype=torch.float64)
@@ -158,36 +226,38 @@ class ActivationDataModule(L.LightningDataModule):
         """[S, D]: mean raw activation per snapshot."""
         return torch.tensor([self.manifest.stats[n].mean for n in self.snapshot_names], dtype=torch.float32)
 
+    # ---- position in the stream, saved in Lightning checkpoints ------------------------------------
+    def state_dict(self) -> dict:
+        # batches that went through a training step (checkpoints are saved after the step's batch end)
+        consumed = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed if self.trainer is not None else 0
+        return {"batches": int(consumed), "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("seed"), state.get("batch_size")) != (self.seed, self.batch_size):
+            raise ValueError(f"resuming with data.seed={self.seed}, data.batch_size={self.batch_size}, but the "
+                             f"checkpoint was trained with seed={state.get('seed')}, batch_size={state.get('batch_size')}")
+        self.resume_batches = int(state["batches"])
+
     # ---- loaders ------------------------------------------------------------------------------------
     def _pipeline(self, entries: list[ShardEntry], train: bool) -> wds.DataPipeline:
+        max_windows = None
+        if not train and self.val_tokens is not None:
+            max_windows = max(1, math.ceil(self.val_tokens / self.manifest.tokens_per_sample))
         return wds.DataPipeline(
-            EpochShards(self.path, entries, self.seed, shuffle=train, repeat=train),
-            wds.split_by_node,
-            wds.split_by_worker,
-            read_windows(self.manifest, self.snapshot_idx, self.verify),
-            *([] if train else [_limit_tokens(self.val_tokens)]),
-            shuffle_batches(self.batch_size, self.shuffle_buffer if train else 0, self.seed,
-                            self.manifest.dtype, drop_last=train),
+            ShardWindows(self.path, entries, self.seed, shuffle=train, repeat=train, max_windows=max_windows),
+            read_windows(self.manifest, self.snapshot_idx, self.verify, self.on_corrupt, self.skipped_shards),
+            shuffle_batches(self.batch_size, self.shuffle_buffer if train else 0, self.seed, self.manifest.dtype,
+                            drop_last=train, skip_batches=self.resume_batches if train else 0),
         )
 
     def _loader(self, entries: list[ShardEntry], train: bool) -> DataLoader:
-        workers = min(self.num_workers, len(entries))
+        workers = self.num_workers if train else min(self.num_workers, 1)
         return DataLoader(self._pipeline(entries, train), batch_size=None, num_workers=workers,
-                          persistent_workers=train and workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=train and workers > 0, pin_memory=torch.cuda.is_available(),
+                          multiprocessing_context="fork" if workers > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_entries, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_entries, train=False)
-
-
-def _limit_tokens(max_tokens: int | None):
-    def stage(windows):
-        seen = 0
-        for item in windows:
-            if max_tokens is not None and seen >= max_tokens:
-                return
-            seen += len(item[1])
-            yield item
-    return stage

@@ -1,0 +1,98 @@
+"""Faults: a run killed with SIGKILL resumes to the same result; NaN loss and corrupt shards are reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import ROOT, compose_train, write_toy_dataset
+from train import train
+
+ARGS = ["data.batch_size=64", "data.shuffle_buffer=512", "crosscoder.d_sae=32", "trainer.max_steps=300",
+        "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_train_steps=50",
+        "callbacks.progress_bar.refresh_rate=0", "logger=none"]
+
+
+def run_train(args, cwd, wait=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    if wait:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
+    data = write_toy_dataset(tmp_path / "toy", n_samples=60)
+    full = run_train([f"data.path={data}", *ARGS, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    proc = run_train([f"data.path={data}", *ARGS, f"hydra.run.dir={run_dir}"], tmp_path, wait=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (run_dir / "metrics.json").exists(), "the run must die part-way"
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_at < 300
+
+    resumed = run_train([f"data.path={data}", *ARGS, f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    assert b["steps"] == a["steps"] == 300
+    for key in ["val/explained_variance", "val/l0", "val/mse", "val/dead_fraction"]:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    wa = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    wb = torch.load(last, weights_only=False)["state_dict"]
+    torch.testing.assert_close(wb["crosscoder.W_dec"], wa["crosscoder.W_dec"], rtol=1e-4, atol=1e-6)
+
+
+class PoisonWeights(L.Callback):
+    """Sets a decoder weight to NaN after a given step, as a diverging run would."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            with torch.no_grad():
+                pl_module.crosscoder.W_dec[0, 0, 0] = float("nan")
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(toy_dataset, tmp_path):
+    cfg = compose_train([f"data.path={toy_dataset}", *ARGS, "callbacks.checkpoint.every_n_train_steps=10",
+                         "+callbacks.poison._target_=tests.test_resume.PoisonWeights", "+callbacks.poison.at_step=25"],
+                        tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 25 \(batch 25\)"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 20 and torch.isfinite(ckpt["state_dict"]["crosscoder.W_dec"]).all()
+
+
+def corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_shard_in_training_stops_naming_it_or_is_skipped_and_counted(tmp_path):
+    data = write_toy_dataset(tmp_path / "toy")
+    corrupt(data / "shard-000001.tar")
+    args = [f"data.path={data}", *ARGS, "trainer.max_steps=40", "trainer.val_check_interval=20"]
+    from data.format import FormatError
+    with pytest.raises(FormatError, match=r"shard-000001.tar: sha256 differs"):
+        train(compose_train(args, tmp_path / "a"))
+    metrics = train(compose_train([*args, "data.on_corrupt=skip", "logger=tensorboard"], tmp_path / "b"))
+    final = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert final["skipped_shards"] >= 1 and metrics["data/skipped_shards"] >= 1
