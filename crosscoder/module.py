@@ -45,6 +45,7 @@ class CrosscoderModule(L.LightningModule):
             self.crosscoder.init_b_dec(mean * self.crosscoder.scale[:, None])
         self.val_ev = ExplainedVariance(n_snapshots, d_model)
         self.val_l0 = MeanMetric()  # the shared code's L0 is the same at every snapshot
+        self.val_mse = MeanMetric()  # torchmetrics, so DDP ranks' halves of the held-out set are combined
         self.firing = FeatureFiring(d_sae, window=dead_window_tokens)
         self.firing.persistent(True)  # dead-feature counters survive a resume
         self.last_validated_step = -1
@@ -105,7 +106,7 @@ class CrosscoderModule(L.LightningModule):
         out = self.crosscoder(x)
         self.val_ev.update(x, out.recon)
         self.val_l0.update(l0(out.latents), weight=x.shape[0])
-        self.log("val/mse", self.crosscoder.loss_terms(x, out).mse, batch_size=x.shape[0])
+        self.val_mse.update(self.crosscoder.loss_terms(x, out).mse, weight=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if not self.val_ev.update_called:
@@ -113,6 +114,7 @@ class CrosscoderModule(L.LightningModule):
         per_snapshot = self.val_ev.compute()
         metrics = {"val/explained_variance": self.val_ev.overall().float(),
                    "val/l0": self.val_l0.compute().float(),
+                   "val/mse": self.val_mse.compute().float(),
                    "val/dead_fraction": self.firing.compute().float()}
         for name, ev in zip(self.crosscoder.snapshot_names, per_snapshot):
             metrics[f"val/explained_variance/{name}"] = ev.float()
@@ -120,6 +122,7 @@ class CrosscoderModule(L.LightningModule):
         self.log("val_ev", metrics["val/explained_variance"], prog_bar=True, logger=False)
         self.val_ev.reset()
         self.val_l0.reset()
+        self.val_mse.reset()
         self.last_validated_step = self.global_step
 
     # ---- optimiser -----------------------------------------------------------------------------

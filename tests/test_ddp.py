@@ -1,0 +1,74 @@
+"""DDP with 2 processes on CPU (gloo): identical weights, each token of an epoch seen once, same loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, write_toy_dataset
+
+FINGERPRINT = torch.linspace(1, 2, 16, dtype=torch.float64)
+
+
+class RecordRank(L.Callback):
+    """Writes, per rank, a fingerprint of every training token it saw and a digest of its final weights."""
+
+    def __init__(self, out: str, batches: int):
+        self.out, self.batches, self.seen = Path(out), batches, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx < self.batches:
+            self.seen.append((batch[:, 0].double() @ FINGERPRINT).cpu().numpy())
+
+    def on_train_end(self, trainer, pl_module):
+        w = pl_module.crosscoder.W_dec.detach().double()
+        np.save(self.out / f"rank{trainer.global_rank}_tokens.npy", np.concatenate(self.seen))
+        np.save(self.out / f"rank{trainer.global_rank}_W_dec.npy", w.numpy())
+
+
+def run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path):
+    data = write_toy_dataset(tmp_path / "toy", n_samples=40)  # 3 train shards x 10 windows x 32 tokens
+    epoch_tokens = 30 * 32
+    common = [f"data.path={data}", "data.shuffle_buffer=256", "crosscoder.d_sae=32", "logger=none",
+              "trainer.val_check_interval=15", "callbacks.progress_bar.refresh_rate=0", "data.num_workers=1",
+              "+callbacks.record._target_=tests.test_ddp.RecordRank"]
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    for d in (ddp_dir, single_dir):
+        d.mkdir()
+    # the first epoch is 2 ranks x 15 batches x 32 tokens (or 15 batches of 64); train for 6 epochs
+    run([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=32",
+         "trainer.max_steps=90", "+callbacks.record.batches=15", f"+callbacks.record.out={ddp_dir}",
+         f"hydra.run.dir={ddp_dir}"], tmp_path)
+    run([*common, "data.batch_size=64", "trainer.max_steps=90", "+callbacks.record.batches=15",
+         f"+callbacks.record.out={single_dir}", f"hydra.run.dir={single_dir}"], tmp_path)
+
+    w0, w1 = np.load(ddp_dir / "rank0_W_dec.npy"), np.load(ddp_dir / "rank1_W_dec.npy")
+    np.testing.assert_array_equal(w0, w1)
+
+    seen = np.concatenate([np.load(ddp_dir / f"rank{r}_tokens.npy") for r in (0, 1)])
+    single = np.load(single_dir / "rank0_tokens.npy")  # the single process's epoch: every train token once
+    assert len(seen) == len(single) == epoch_tokens
+    np.testing.assert_allclose(np.sort(seen), np.sort(single), rtol=1e-6)  # same tokens, each exactly once
+    assert len(np.unique(np.round(seen, 5))) == len(np.unique(np.round(single, 5)))
+
+    a = json.loads((ddp_dir / "metrics.json").read_text())
+    b = json.loads((single_dir / "metrics.json").read_text())
+    assert a["tokens"] == b["tokens"] == 6 * epoch_tokens
+    assert a["val/mse"] == pytest.approx(b["val/mse"], rel=0.05)
+    assert a["val/explained_variance"] == pytest.approx(b["val/explained_variance"], abs=0.02)
