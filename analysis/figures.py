@@ -39,10 +39,11 @@ def set_step_axis(ax, steps, extent=None, label: str = "training step (log scale
     """x axis in log10(1 + step): labelled ticks at 0, 1, 10, 100, ... up to max(extent or steps), and a
     small unlabelled tick at each snapshot's step so cells and points can be matched to snapshots."""
     hi = max(list(extent if extent is not None else steps) or [1])
-    ticks = [0] + [10 ** k for k in range(0, int(np.log10(max(hi, 1))) + 2) if 10 ** k <= hi * 1.5]
+    first = 0 if hi < 1000 else 1  # over many decades a "1" label would crowd the "0" beside it
+    ticks = [0] + [10 ** k for k in range(first, int(np.log10(max(hi, 1))) + 2) if 10 ** k <= hi * 1.5]
     ax.set_xticks(log_x(ticks), [step_label(t) for t in ticks])
     ax.set_xticks(log_x(steps), minor=True)
-    ax.tick_params(axis="x", which="minor", length=7, width=1.5, color="#c44e52")
+    ax.tick_params(axis="x", which="minor", direction="in", length=7, width=1.5, color="#c44e52")
     ax.set_xlabel(label + "; red ticks: snapshots")
 
 
