@@ -3,6 +3,10 @@
 Written when training ends and again after the final validation (train.py runs one at the last step if
 the validation interval did not land there), so metrics.json always describes the final weights.
 ``config.yaml`` is written by train.py before training, so a run that dies still says what it was.
+
+With K dictionaries trained on one stream, each gets a sub-folder ``<run_dir>/<l1_x-Fy>/`` that is a
+complete run folder of its own (weights, metrics.json, a config.yaml with its own d_sae and l1_coef,
+and TensorBoard scalars under the usual tag names), so analysis and sweep tools treat it as any run.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
 
 from data.format import write_atomic
 
@@ -21,29 +27,68 @@ class RunExport(L.Callback):
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
         self._start = time.time()
+        self._writers: dict[str, SummaryWriter] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.time()
+
+    def dictionary_dirs(self, pl_module) -> list[Path]:
+        return [self.run_dir / name if name else self.run_dir for name in pl_module.dictionary_names]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.export(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking and trainer.global_step >= trainer.max_steps:
-            self.export(trainer, pl_module)
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self.log_dictionaries(trainer, pl_module)
+            if trainer.global_step >= trainer.max_steps:
+                self.export(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self.log_dictionaries(trainer, pl_module)
+
+    def log_dictionaries(self, trainer: L.Trainer, pl_module) -> None:
+        """Each of several dictionaries gets its own event file, with the plain tag names."""
+        if len(pl_module.dictionary_names) < 2 or not trainer.loggers:
+            return
+        for name, folder in zip(pl_module.dictionary_names, self.dictionary_dirs(pl_module)):
+            writer = self._writers.get(name) or self._writers.setdefault(name, SummaryWriter(str(folder / "tensorboard")))
+            for key, value in self.metrics_of(trainer, name).items():
+                writer.add_scalar(key, value, trainer.global_step)
+            writer.flush()
+
+    @staticmethod
+    def metrics_of(trainer: L.Trainer, name: str) -> dict[str, float]:
+        prefix = f"{name}/" if name else ""
+        out = {}
+        for key, value in trainer.callback_metrics.items():
+            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+            if key.startswith(("val/", "train/")) and (not name or "/" in key):
+                out[key] = float(value)
+        return out
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        pl_module.crosscoder.save(self.run_dir)
         hp = pl_module.hparams
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k.startswith("val/") and isinstance(v, torch.Tensor) and v.numel() == 1}
         batch_size = getattr(trainer.datamodule, "batch_size", None)
-        metrics.update(d_sae=hp.d_sae, l1_coef=hp.l1_coef, activation=hp.activation,
-                       snapshots=list(pl_module.crosscoder.snapshot_names), steps=trainer.global_step,
-                       tokens=trainer.global_step * batch_size * trainer.world_size if batch_size else None,
-                       skipped_shards=int(getattr(trainer.datamodule, "skipped_shards", None).value)
-                       if hasattr(trainer.datamodule, "skipped_shards") else 0,
-                       seconds=round(time.time() - self._start, 1))
-        write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        skipped = getattr(trainer.datamodule, "skipped_shards", None)
+        run_config = self.run_dir / "config.yaml"
+        for i, (name, folder) in enumerate(zip(pl_module.dictionary_names, self.dictionary_dirs(pl_module))):
+            folder.mkdir(parents=True, exist_ok=True)
+            cc = pl_module.crosscoders[i]
+            cc.save(folder)
+            metrics = {k: v for k, v in self.metrics_of(trainer, name).items() if k.startswith("val/")}
+            metrics.update(d_sae=cc.d_sae, l1_coef=pl_module.l1_coefs[i], activation=hp.activation,
+                           snapshots=list(cc.snapshot_names), steps=trainer.global_step,
+                           tokens=trainer.global_step * batch_size * trainer.world_size if batch_size else None,
+                           skipped_shards=int(skipped.value) if skipped is not None else 0,
+                           seconds=round(time.time() - self._start, 1))
+            write_atomic(folder / "metrics.json", json.dumps(metrics, indent=1))
+            if name and run_config.is_file():  # the sub-run's own config: its d_sae and l1_coef
+                config = yaml.safe_load(run_config.read_text())
+                config["crosscoder"].update(d_sae=cc.d_sae, l1_coef=pl_module.l1_coefs[i])
+                config["run_dir"] = str(folder)
+                write_atomic(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))

@@ -16,12 +16,13 @@ COLUMNS = ["job", "d_sae", "l1_coef", "activation", "val/l0", "val/explained_var
 
 
 def summarise_sweep(sweep_dir: str | Path) -> list[dict]:
-    """Collect ``<sweep_dir>/*/metrics.json`` into rows; writes sweep_summary.csv and sweep_summary.json."""
+    """Collect every run's metrics.json below ``sweep_dir`` (a job, or a dictionary inside a job that trained
+    several) into rows; writes sweep_summary.csv and sweep_summary.json."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    for path in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for path in sorted(sweep_dir.glob("**/metrics.json"), key=lambda p: _job_order(p.parent.relative_to(sweep_dir))):
         metrics = json.loads(path.read_text())
-        rows.append({"job": path.parent.name, **metrics})
+        rows.append({"job": str(path.parent.relative_to(sweep_dir)), **metrics})
     extra = sorted({k for r in rows for k in r if k not in COLUMNS and k.startswith("val/")})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
@@ -30,6 +31,10 @@ def summarise_sweep(sweep_dir: str | Path) -> list[dict]:
     write_atomic(sweep_dir / "sweep_summary.csv", buf.getvalue())
     write_atomic(sweep_dir / "sweep_summary.json", json.dumps(rows, indent=1))
     return rows
+
+
+def _job_order(job: Path) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in job.parts)
 
 
 class SweepSummary(Callback):

@@ -1,24 +1,43 @@
 """LightningModule: the crosscoder's training math (loss, sparsity warm-up, optimiser, LR schedule).
 
-Observation (dead features, histograms, export) lives in callbacks/; this module only logs the loss terms
-and the validation metrics defined in crosscoder/metrics.py.
+One module can train K dictionaries on the same batches (``crosscoder.l1_coef=[0.5,1,2]`` and/or a list
+of ``d_sae``), so a sparsity sweep reads and normalises the data once. Each dictionary has its own
+parameters, loss and metrics; their losses are summed, which leaves each one's gradients independent.
+
+Observation (histograms, export) lives in callbacks/; this module logs the loss terms and the validation
+metrics defined in crosscoder/metrics.py.
 """
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
+from torch import nn
 from torchmetrics import MeanMetric
 
 from crosscoder.metrics import ExplainedVariance, FeatureFiring, l0
 from crosscoder.model import Crosscoder
 
 
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class DictionaryMetrics(nn.Module):
+    """Validation and firing metrics of one dictionary."""
+
+    def __init__(self, n_snapshots: int, d_model: int, d_sae: int, dead_window_tokens: int):
+        super().__init__()
+        self.ev = ExplainedVariance(n_snapshots, d_model)
+        self.l0 = MeanMetric()  # the shared code's L0 is the same at every snapshot
+        self.mse = MeanMetric()  # torchmetrics, so DDP ranks' shares of the held-out set combine
+        self.firing = FeatureFiring(d_sae, window=dead_window_tokens)
+        self.firing.persistent(True)  # dead-feature counters survive a resume
+
+
 class CrosscoderModule(L.LightningModule):
-    def __init__(self, n_snapshots: int, d_model: int, d_sae: int = 1024, activation: str = "relu",
-                 l1_coef: float = 1.0, l1_warmup_steps: int | float = 0.05, k: int = 32,
+    def __init__(self, n_snapshots: int, d_model: int, d_sae: int | list[int] = 1024, activation: str = "relu",
+                 l1_coef: float | list[float] = 1.0, l1_warmup_steps: int | float = 0.05, k: int = 32,
                  dec_init_norm: float = 0.1, jumprelu_init_threshold: float = 0.001,
                  jumprelu_bandwidth: float = 0.001, optimizer: str = "adam", lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
@@ -28,37 +47,55 @@ class CrosscoderModule(L.LightningModule):
                  data_mean: torch.Tensor | list[list[float]] | None = None):
         """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float < 1).
 
-        norm_scale [S] and data_mean [S, D] (raw units) come from the datamodule; they initialise the
+        norm_scale [S] and data_mean [S, D] (raw units) come from the datamodule; they initialise each
         crosscoder's ``scale`` buffer and ``b_dec`` (the mean of the normalised activations).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
         if optimizer not in ("adam", "adamw"):
             raise ValueError(f"crosscoder.optimizer: '{optimizer}' is not one of ('adam', 'adamw')")
-        self.crosscoder = Crosscoder(n_snapshots, d_model, d_sae, activation=activation, k=k,
-                                     dec_init_norm=dec_init_norm, jumprelu_init_threshold=jumprelu_init_threshold,
-                                     jumprelu_bandwidth=jumprelu_bandwidth, snapshot_names=snapshot_names)
-        if norm_scale is not None:
-            self.crosscoder.scale.copy_(torch.as_tensor(norm_scale, dtype=torch.float32))
-        if data_mean is not None:
-            mean = torch.as_tensor(data_mean, dtype=torch.float32)
-            self.crosscoder.init_b_dec(mean * self.crosscoder.scale[:, None])
-        self.val_ev = ExplainedVariance(n_snapshots, d_model)
-        self.val_l0 = MeanMetric()  # the shared code's L0 is the same at every snapshot
-        self.val_mse = MeanMetric()  # torchmetrics, so DDP ranks' halves of the held-out set are combined
-        self.firing = FeatureFiring(d_sae, window=dead_window_tokens)
-        self.firing.persistent(True)  # dead-feature counters survive a resume
+        d_saes, l1_coefs = _as_list(d_sae), _as_list(l1_coef)
+        if len(d_saes) > 1 and len(l1_coefs) > 1 and len(d_saes) != len(l1_coefs):
+            raise ValueError(f"crosscoder.d_sae {d_saes} and crosscoder.l1_coef {l1_coefs}: give lists of one "
+                             "length (pairs) or a single value for one of them")
+        n = max(len(d_saes), len(l1_coefs))
+        self.d_saes = d_saes * n if len(d_saes) == 1 else d_saes
+        self.l1_coefs = [float(c) for c in (l1_coefs * n if len(l1_coefs) == 1 else l1_coefs)]
+        # One dictionary keeps the plain tag names; several are told apart by a name prefix.
+        self.dictionary_names = [""] if n == 1 else [f"l1_{c:g}-F{f}" for c, f in zip(self.l1_coefs, self.d_saes)]
+        if len(set(self.dictionary_names)) != n:
+            raise ValueError(f"crosscoder.l1_coef / d_sae: dictionaries {self.dictionary_names} repeat")
+
+        self.crosscoders = nn.ModuleList()
+        self.dict_metrics = nn.ModuleList()
+        for f in self.d_saes:
+            cc = Crosscoder(n_snapshots, d_model, f, activation=activation, k=k, dec_init_norm=dec_init_norm,
+                            jumprelu_init_threshold=jumprelu_init_threshold,
+                            jumprelu_bandwidth=jumprelu_bandwidth, snapshot_names=snapshot_names)
+            if norm_scale is not None:
+                cc.scale.copy_(torch.as_tensor(norm_scale, dtype=torch.float32))
+            if data_mean is not None:
+                cc.init_b_dec(torch.as_tensor(data_mean, dtype=torch.float32) * cc.scale[:, None])
+            self.crosscoders.append(cc)
+            self.dict_metrics.append(DictionaryMetrics(n_snapshots, d_model, f, dead_window_tokens))
         self.last_validated_step = -1
+
+    @property
+    def crosscoder(self) -> Crosscoder:
+        """The (first) dictionary."""
+        return self.crosscoders[0]
+
+    def tag(self, i: int, name: str) -> str:
+        return f"{self.dictionary_names[i]}/{name}" if self.dictionary_names[i] else name
 
     # ---- schedules -----------------------------------------------------------------------------
     def _steps(self, value: int | float) -> int:
         total = max(int(self.trainer.max_steps), 1) if self._trainer is not None else 1
         return int(value * total) if isinstance(value, float) and value < 1 else int(value)
 
-    def l1_coef_now(self) -> float:
+    def l1_warmup_factor(self) -> float:
         warm = self._steps(self.hparams.l1_warmup_steps)
-        frac = min(1.0, (self.global_step + 1) / warm) if warm > 0 else 1.0
-        return self.hparams.l1_coef * frac
+        return min(1.0, (self.global_step + 1) / warm) if warm > 0 else 1.0
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to lr_final_factor over the last part of training."""
@@ -74,28 +111,35 @@ class CrosscoderModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw activations [B, S, D] -> normalised units."""
+        """Raw activations [B, S, D] -> normalised units (every dictionary shares the data's scale)."""
         return batch * self.crosscoder.scale[:, None]
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = self.normalise(batch)
-        out = self.crosscoder(x)
-        terms = self.crosscoder.loss_terms(x, out)
-        coef = self.l1_coef_now()
-        loss = terms.mse + coef * terms.sparsity
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); "
-                                     "the last checkpoint holds the last good weights")
-        self.firing.update(out.latents)
-        self.log_dict({"train/loss": loss, "train/mse": terms.mse, "train/sparsity": terms.sparsity,
-                       "train/l0": terms.l0, "train/l1_coef": coef,
-                       "train/lr": self.lr_schedulers().get_last_lr()[0]}, prog_bar=False)
+        warm = self.l1_warmup_factor()
+        total = 0.0
+        for i, (cc, metrics) in enumerate(zip(self.crosscoders, self.dict_metrics)):
+            out = cc(x)
+            terms = cc.loss_terms(x, out)
+            coef = self.l1_coefs[i] * warm
+            loss = terms.mse + coef * terms.sparsity
+            if not torch.isfinite(loss):
+                where = f" in dictionary {self.dictionary_names[i]}" if self.dictionary_names[i] else ""
+                raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step} (batch {batch_idx}){where}; "
+                                         "the last checkpoint holds the last good weights")
+            metrics.firing.update(out.latents)
+            self.log_dict({self.tag(i, "train/loss"): loss, self.tag(i, "train/mse"): terms.mse,
+                           self.tag(i, "train/sparsity"): terms.sparsity, self.tag(i, "train/l0"): terms.l0,
+                           self.tag(i, "train/l1_coef"): coef})
+            total = total + loss
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("l0", terms.l0, prog_bar=True, logger=False)
-        return loss
+        return total
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
-            self.log("train/dead_fraction", self.firing.compute().float())
+            for i, metrics in enumerate(self.dict_metrics):
+                self.log(self.tag(i, "train/dead_fraction"), metrics.firing.compute().float())
             skipped = getattr(self.trainer.datamodule, "skipped_shards", None)
             if skipped is not None:
                 self.log("data/skipped_shards", float(skipped.value))
@@ -103,32 +147,31 @@ class CrosscoderModule(L.LightningModule):
     # ---- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         x = self.normalise(batch)
-        out = self.crosscoder(x)
-        self.val_ev.update(x, out.recon)
-        self.val_l0.update(l0(out.latents), weight=x.shape[0])
-        self.val_mse.update(self.crosscoder.loss_terms(x, out).mse, weight=x.shape[0])
+        for cc, metrics in zip(self.crosscoders, self.dict_metrics):
+            out = cc(x)
+            metrics.ev.update(x, out.recon)
+            metrics.l0.update(l0(out.latents), weight=x.shape[0])
+            metrics.mse.update(cc.loss_terms(x, out).mse, weight=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        if not self.val_ev.update_called:
-            return
-        per_snapshot = self.val_ev.compute()
-        metrics = {"val/explained_variance": self.val_ev.overall().float(),
-                   "val/l0": self.val_l0.compute().float(),
-                   "val/mse": self.val_mse.compute().float(),
-                   "val/dead_fraction": self.firing.compute().float()}
-        for name, ev in zip(self.crosscoder.snapshot_names, per_snapshot):
-            metrics[f"val/explained_variance/{name}"] = ev.float()
-        self.log_dict(metrics, prog_bar=False, sync_dist=True)
-        self.log("val_ev", metrics["val/explained_variance"], prog_bar=True, logger=False)
-        self.val_ev.reset()
-        self.val_l0.reset()
-        self.val_mse.reset()
+        for i, (cc, metrics) in enumerate(zip(self.crosscoders, self.dict_metrics)):
+            if not metrics.ev.update_called:
+                return
+            values = {"val/explained_variance": metrics.ev.overall().float(), "val/l0": metrics.l0.compute().float(),
+                      "val/mse": metrics.mse.compute().float(), "val/dead_fraction": metrics.firing.compute().float()}
+            for name, ev in zip(cc.snapshot_names, metrics.ev.compute()):
+                values[f"val/explained_variance/{name}"] = ev.float()
+            self.log_dict({self.tag(i, k): v for k, v in values.items()}, sync_dist=True)
+            if i == 0:
+                self.log("val_ev", values["val/explained_variance"], prog_bar=True, logger=False)
+            for metric in (metrics.ev, metrics.l0, metrics.mse):
+                metric.reset()
         self.last_validated_step = self.global_step
 
     # ---- optimiser -----------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
         cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        opt = cls(self.crosscoder.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt = cls(self.crosscoders.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -55,7 +55,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     wa = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     wb = torch.load(last, weights_only=False)["state_dict"]
-    torch.testing.assert_close(wb["crosscoder.W_dec"], wa["crosscoder.W_dec"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wb["crosscoders.0.W_dec"], wa["crosscoders.0.W_dec"], rtol=1e-4, atol=1e-6)
 
 
 class PoisonWeights(L.Callback):
@@ -77,7 +77,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(toy_dataset, tm
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 25 \(batch 25\)"):
         train(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 20 and torch.isfinite(ckpt["state_dict"]["crosscoder.W_dec"]).all()
+    assert ckpt["global_step"] == 20 and torch.isfinite(ckpt["state_dict"]["crosscoders.0.W_dec"]).all()
 
 
 def corrupt(path):

@@ -87,3 +87,22 @@ def test_multirun_two_jobs_writes_summary(toy_dataset, tmp_path):
     assert (sweep / "0" / "crosscoder.safetensors").is_file() and (sweep / "1" / "crosscoder.safetensors").is_file()
     header = (sweep / "sweep_summary.csv").read_text().splitlines()[0]
     assert header.startswith("job,d_sae,l1_coef,activation,val/l0,val/explained_variance")
+
+
+def test_several_dictionaries_on_one_stream_equal_separate_runs(toy_dataset, tmp_path):
+    args = [f"data.path={toy_dataset}", *FAST, "trainer.max_steps=20", "trainer.val_check_interval=10"]
+    train(compose_train([*args, "crosscoder.l1_coef=[0.1,3.0]"], tmp_path / "multi"))
+    train(compose_train([*args, "crosscoder.l1_coef=0.1"], tmp_path / "single"))
+    folders = sorted(p.name for p in (tmp_path / "multi").iterdir() if (p / "metrics.json").is_file())
+    assert folders == ["l1_0.1-F32", "l1_3-F32"]
+    low, high = (json.loads((tmp_path / "multi" / f / "metrics.json").read_text()) for f in folders)
+    assert (low["l1_coef"], high["l1_coef"]) == (0.1, 3.0) and low["val/l0"] > high["val/l0"]
+    sub_config = yaml.safe_load((tmp_path / "multi" / "l1_3-F32" / "config.yaml").read_text())
+    assert sub_config["crosscoder"]["l1_coef"] == 3.0
+    scalars, _ = read_scalars(tmp_path / "multi" / "l1_3-F32" / "tensorboard")
+    assert scalars["val/explained_variance"][-1][1] == pytest.approx(high["val/explained_variance"], rel=1e-6)
+    # the first dictionary saw the same batches, the same init and its own Adam state: a separate run's twin
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert low["val/explained_variance"] == pytest.approx(single["val/explained_variance"], rel=1e-5)
+    torch.testing.assert_close(Crosscoder.load(tmp_path / "multi" / "l1_0.1-F32").W_dec,
+                               Crosscoder.load(tmp_path / "single").W_dec, rtol=1e-5, atol=1e-6)
