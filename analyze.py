@@ -22,7 +22,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from analysis import browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
 from analysis.activations import activation_pass  # noqa: E402
-from analysis.config import register  # noqa: E402
+from analysis.config import check, register  # noqa: E402
 from data.format import write_atomic  # noqa: E402
 
 register()
@@ -119,8 +119,7 @@ def analyze_sweep(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="conf/analyze", config_name="analyze", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if (cfg.run is None) == (cfg.sweep is None):
-        raise ValueError("analyze.py: give exactly one of run=<run folder> or sweep=<multirun folder>")
+    check(cfg)
     analyze_run(cfg) if cfg.run is not None else analyze_sweep(cfg)
 
 

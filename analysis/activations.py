@@ -97,10 +97,11 @@ def active_thresholds(model: Crosscoder, active_threshold: float) -> torch.Tenso
 
 
 @torch.no_grad()
-def activation_pass(model: Crosscoder, data_path: Path, manifest: Manifest, val_shards: int, max_tokens: int,
+def activation_pass(model: Crosscoder, data_path: Path, manifest: Manifest, val_shards: int, max_tokens: int | None,
                     batch_size: int, active_threshold: float, view_snapshots: list[int], n_contexts: int,
                     device: str = "cpu") -> PassStats:
-    """Run ``model`` over up to ``max_tokens`` cached tokens; see the module docstring for the definitions."""
+    """Run ``model`` over up to ``max_tokens`` cached tokens (None: all); definitions in the module docstring."""
+    max_tokens = max_tokens if max_tokens is not None else manifest.n_tokens
     model = model.to(device).eval()
     S, D, F = model.n_snapshots, model.d_model, model.d_sae
     T = manifest.tokens_per_sample

@@ -15,7 +15,7 @@ class AnalyzeConfig:
     out: Optional[str] = None  # output folder; null = <run>/analysis or <sweep>/analysis
     emergence_fraction: float = 0.2  # a feature exists at s when ||W_dec[i,s]|| >= this x its maximum
     active_threshold: float = 0.01  # feature active at s when f_i ||W_dec[i,s]|| > this x sqrt(D)
-    max_tokens: int = 262_144  # tokens read by the activation pass (held-out shards first)
+    max_tokens: Optional[int] = 262_144  # tokens read by the activation pass (held-out shards first); null = all
     batch_size: int = 2048  # tokens per forward pass
     device: str = "cpu"
     n_browser_features: int = 24  # features shown in the browser
@@ -26,6 +26,24 @@ class AnalyzeConfig:
     baselines: Optional[Any] = None  # single-snapshot SAE runs for figure 4: a sweep folder or list of run folders
     tensorboard: bool = True  # also log the figures as TensorBoard images under <out>/tensorboard
     seed: int = 0  # random choice of browser features per category
+
+
+def check(cfg: Any) -> None:
+    """One-line ValueError naming the first key with an impossible value."""
+    if (cfg.run is None) == (cfg.sweep is None):
+        raise ValueError("analyze.py: give exactly one of run=<run folder> or sweep=<multirun folder>")
+    rules = [("emergence_fraction", 0 < cfg.emergence_fraction <= 1, "in (0, 1]"),
+             ("active_threshold", cfg.active_threshold >= 0, ">= 0"),
+             ("max_tokens", cfg.max_tokens is None or cfg.max_tokens > 0, "> 0 or null"),
+             ("batch_size", cfg.batch_size > 0, "> 0"),
+             ("n_browser_features", cfg.n_browser_features >= 0, ">= 0"),
+             ("n_contexts", cfg.n_contexts > 0, "> 0"),
+             ("browser_snapshots", cfg.browser_snapshots >= 0, ">= 0"),
+             ("context_before", cfg.context_before >= 0, ">= 0"),
+             ("context_after", cfg.context_after >= 0, ">= 0")]
+    for key, ok, want in rules:
+        if not ok:
+            raise ValueError(f"conf/analyze: {key}={cfg[key]} must be {want}")
 
 
 def register() -> None:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from analysis.sweep import collect_runs, pareto_front, sae_baselines
 from tests.conftest import ROOT
-from tests.test_analysis import compose_analyze, image_is_drawn
+from tests.test_analysis import compose_analyze, image_is_drawn, small_run  # noqa: F401 (fixture)
 
 NAMES = ["step0", "step100", "step1000"]
 
@@ -100,3 +100,23 @@ def test_command_line_and_errors(sweep, tmp_path):
         analyze_sweep(compose_analyze([f"sweep={tmp_path / 'nowhere'}"]))
     with pytest.raises(ValueError, match="exactly one of run=<run folder> or sweep=<multirun folder>"):
         main.__wrapped__(compose_analyze([]))
+
+
+def test_run_in_a_sweep_shows_its_sae_siblings_in_figure_4(small_run):
+    from analyze import analyze_run
+    run, model, data = small_run  # <tmp>/run; make <tmp> a sweep holding one SAE on step1000
+    (run.parent / "sweep_summary.csv").write_text("job\n")
+    fake_run(run.parent / "sae", ["step1000"], l0=3.0, ev=0.75)
+    out = analyze_run(compose_analyze([f"run={run}", "tensorboard=false", "n_browser_features=2"]))
+    s = json.loads((out / "summary.json").read_text())
+    assert [(b["snapshot"], b["step"], b["l0"], b["explained_variance"]) for b in s["baselines"]] == \
+        [("step1000", 1000, 3.0, 0.75)]
+    assert image_is_drawn(out / "fig4_ev_l0.png")
+
+
+@pytest.mark.parametrize("override, key", [("emergence_fraction=0", "emergence_fraction"),
+                                           ("n_contexts=0", "n_contexts"), ("max_tokens=-5", "max_tokens")])
+def test_bad_config_values_are_named(override, key):
+    from analysis.config import check
+    with pytest.raises(ValueError, match=f"conf/analyze: {key}="):
+        check(compose_analyze(["run=somewhere", override]))
