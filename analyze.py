@@ -51,10 +51,11 @@ def _out_dir(cfg: DictConfig, default: Path) -> Path:
 
 
 def _baselines(cfg: DictConfig, run: run_files.RunFiles) -> list[dict]:
-    """Single-snapshot SAEs: cfg.baselines, else the run's siblings when it sits in a sweep folder."""
+    """Single-snapshot SAEs: cfg.baselines, else the other runs of the sweep folder the run sits in (as a
+    job, or as one dictionary of a job that trained several)."""
     source = cfg.baselines
-    if source is None and (run.run_dir.parent / "sweep_summary.csv").is_file():
-        source = run.run_dir.parent
+    if source is None:
+        source = next((p for p in run.run_dir.parents[:2] if (p / "sweep_summary.csv").is_file()), None)
     return sweep.sae_baselines(sweep.collect_runs(source), run.names) if source is not None else []
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from crosscoder.model import Crosscoder
+from crosscoder.model import WEIGHTS_NAME, Crosscoder
 from data.format import FormatError, Manifest, read_manifest
 
 TokenDecoder = Callable[[int], str]
@@ -50,6 +50,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> RunFiles:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
+    if not (run_dir / WEIGHTS_NAME).is_file():
+        inner = sorted({p.parent.name for name in (WEIGHTS_NAME, "metrics.json") for p in run_dir.glob(f"*/{name}")})
+        if inner:  # train.py with several l1_coef values: one complete run folder per dictionary
+            raise FileNotFoundError(f"{run_dir}: holds {len(inner)} dictionaries ({', '.join(inner)}): analyse one "
+                                    f"with run={run_dir}/<name>, or compare them with sweep={run_dir}")
     model = Crosscoder.load(run_dir, device=device).eval()
     config_path = run_dir / "config.yaml"
     config = OmegaConf.load(config_path) if config_path.is_file() else OmegaConf.create({})

@@ -25,7 +25,8 @@ from data.format import FormatError, read_manifest  # noqa: E402
 
 
 def run_folders(source: str | Path | list) -> list[Path]:
-    """A sweep folder (every sub-folder holding metrics.json), a run folder, or a list of either."""
+    """A sweep folder (every folder below it holding metrics.json: jobs, and the dictionaries of a job
+    that trained several), a run folder, or a list of either."""
     if isinstance(source, (list, tuple)) or OmegaConf.is_list(source):
         return [p for s in source for p in run_folders(s)]
     path = Path(source)
@@ -33,10 +34,15 @@ def run_folders(source: str | Path | list) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such sweep or run folder")
-    runs = sorted((p.parent for p in path.glob("*/metrics.json")), key=lambda p: (len(p.name), p.name))
+    runs = sorted((p.parent for p in path.glob("**/metrics.json")), key=lambda p: _job_order(p.relative_to(path)))
     if not runs:
         raise FileNotFoundError(f"{path}: no <job>/metrics.json below it (is it a finished sweep?)")
     return runs
+
+
+def _job_order(job: Path) -> tuple:
+    """Numeric job folders in numeric order (2 before 10), named ones after."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in job.parts)
 
 
 def _snapshot_names(run: Path, metrics: dict, config) -> list[str]:
@@ -60,10 +66,11 @@ def _steps(names: list[str], config) -> list[int]:
 
 
 def collect_runs(source: str | Path | list) -> pd.DataFrame:
-    """One row per run: job, kind (crosscoder / sae), d_sae, l1_coef, activation, explained_variance, l0,
-    dead_fraction, and per snapshot ev_<name> / l0_<name> / step_<name>."""
+    """One row per run: job (its path below the sweep folder), kind (crosscoder / sae), d_sae, l1_coef,
+    activation, explained_variance, l0, dead_fraction, and per snapshot ev_<name> / l0_<name> / step_<name>."""
     rows = []
     for run in run_folders(source):
+        job = _job_name(run, source)
         metrics = json.loads((run / "metrics.json").read_text())
         config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else OmegaConf.create({})
         names = _snapshot_names(run, metrics, config)
@@ -71,7 +78,7 @@ def collect_runs(source: str | Path | list) -> pd.DataFrame:
         analysed = run / "analysis" / "summary.json"
         if analysed.is_file():
             l0_per = json.loads(analysed.read_text())["l0"].get("per_snapshot") or {}
-        row = {"job": run.name, "run": str(run), "kind": "crosscoder" if len(names) > 1 else "sae",
+        row = {"job": job, "run": str(run), "kind": "crosscoder" if len(names) > 1 else "sae",
                "n_snapshots": len(names), "snapshots": ",".join(names),
                "d_sae": metrics.get("d_sae", select(config, "crosscoder.d_sae")),
                "l1_coef": metrics.get("l1_coef", select(config, "crosscoder.l1_coef")),
@@ -88,6 +95,13 @@ def collect_runs(source: str | Path | list) -> pd.DataFrame:
     for col in [c for c in runs.columns if c.startswith("step_")]:
         runs[col] = runs[col].astype("Int64")  # NaN for runs without that snapshot; steps stay integers
     return runs
+
+
+def _job_name(run: Path, source) -> str:
+    for root in (source if isinstance(source, (list, tuple)) or OmegaConf.is_list(source) else [source]):
+        if run != Path(root) and Path(root) in run.parents:
+            return str(run.relative_to(root))
+    return run.name
 
 
 def snapshot_steps_of(runs: pd.DataFrame) -> dict[str, int]:

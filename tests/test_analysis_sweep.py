@@ -120,3 +120,16 @@ def test_bad_config_values_are_named(override, key):
     from analysis.config import check
     with pytest.raises(ValueError, match=f"conf/analyze: {key}="):
         check(compose_analyze(["run=somewhere", override]))
+
+
+def test_jobs_that_trained_several_dictionaries(tmp_path, small_run):
+    from analysis.run_files import load_run
+    root = tmp_path / "multi"
+    fake_run(root / "0" / "l1_1-F64", NAMES, l0=30, ev=0.9, l1=1)
+    fake_run(root / "0" / "l1_2-F64", NAMES, l0=15, ev=0.8, l1=2)
+    fake_run(root / "1", ["step1000"], l0=10, ev=0.85)
+    runs = collect_runs(root)
+    assert runs.job.tolist() == ["0/l1_1-F64", "0/l1_2-F64", "1"]
+    assert runs.kind.tolist() == ["crosscoder", "crosscoder", "sae"]
+    with pytest.raises(FileNotFoundError, match=r"holds 2 dictionaries \(l1_1-F64, l1_2-F64\)"):
+        load_run(root / "0")
