@@ -18,7 +18,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from analysis import browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
 from analysis.activations import activation_pass  # noqa: E402
@@ -95,8 +95,8 @@ def analyze_run(cfg: DictConfig) -> Path:
 
 
 def analyze_sweep(cfg: DictConfig) -> Path:
-    sources = [cfg.sweep] + ([cfg.baselines] if cfg.baselines is not None else [])
-    runs = sweep.collect_runs(sources)
+    extra = cfg.baselines if OmegaConf.is_list(cfg.baselines) else [cfg.baselines] if cfg.baselines else []
+    runs = sweep.collect_runs([str(cfg.sweep), *map(str, extra)])
     out = _out_dir(cfg, Path(cfg.sweep) / "analysis")
     tmp = out / "runs.csv.tmp"
     runs.to_csv(tmp, index=False)

@@ -133,3 +133,15 @@ def test_jobs_that_trained_several_dictionaries(tmp_path, small_run):
     assert runs.kind.tolist() == ["crosscoder", "crosscoder", "sae"]
     with pytest.raises(FileNotFoundError, match=r"holds 2 dictionaries \(l1_1-F64, l1_2-F64\)"):
         load_run(root / "0")
+
+
+def test_sae_baselines_from_a_separate_sweep(tmp_path):
+    from analyze import analyze_sweep
+    fake_run(tmp_path / "cc" / "0", NAMES, l0=20, ev=0.9)
+    fake_run(tmp_path / "sae" / "0", ["step0"], l0=10, ev=0.8)
+    fake_run(tmp_path / "sae2" / "0", ["step100"], l0=12, ev=0.82)
+    out = analyze_sweep(compose_analyze([f"sweep={tmp_path / 'cc'}", "tensorboard=false",
+                                         f"baselines=[{tmp_path / 'sae'},{tmp_path / 'sae2'}]"]))
+    runs = pd.read_csv(out / "runs.csv", dtype={"job": str})
+    assert runs.kind.tolist() == ["crosscoder", "sae", "sae"] and runs.job.tolist() == ["0", "0", "0"]
+    assert runs.run.tolist()[1:] == [str(tmp_path / "sae" / "0"), str(tmp_path / "sae2" / "0")]
