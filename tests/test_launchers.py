@@ -35,3 +35,13 @@ def test_slurm_launcher_config_resolves_without_a_cluster(tmp_path):
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 2)
     assert launcher.max_num_timeout == 3 and cfg.trainer.strategy == "ddp"
     import submitit  # noqa: F401  the launcher's engine is installed by requirements.txt
+
+
+def test_fsdp_trainer_config_builds_its_strategy():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and cfg.trainer.precision == "bf16-mixed"
