@@ -1,0 +1,213 @@
+"""Cache activations of every snapshot of a model suite on the same corpus tokens, in the shard format.
+
+    python -m data.cache model=pythia160m corpus=slimpajama cache.n_tokens=100_000_000
+
+The corpus is cut into chunks of whole shards. For each chunk, each snapshot model is loaded in turn (one
+model in memory at a time), runs every window of the chunk, and writes its slice ``[:, :, s, :]`` into an
+on-disk chunk buffer; once every snapshot is in, the chunk's shards are written. Progress is recorded after
+each snapshot of a chunk and after each chunk, so a killed run continues where it stopped: finished shards
+are checked against their sha256 and never recomputed. The manifest is written last; its presence means
+the dataset is complete. The folder name carries a hash of everything that decides the content, so a
+different configuration never reuses a cache.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.format import (DTYPES, FORMAT_VERSION, SHARD_NAME, FormatError, Manifest, RunningStats, ShardEntry,
+                         ShardWriter, Snapshot, from_storage, read_manifest, sha256_file, to_storage,
+                         write_atomic, write_manifest)
+from data.snapshots import (activations, check_revisions, hook_point_name, load_snapshot, load_tokenizer,
+                            revision_step)
+
+PROGRESS = "progress.json"
+
+
+def resolve_repo(model_cfg, cache_root: str | os.PathLike) -> str:
+    """The suite's location: ``model.repo``, or the folder ``model.build`` builds (or finds built)."""
+    if model_cfg.get("repo"):
+        return str(model_cfg.repo)
+    if model_cfg.get("build") is None:
+        raise ValueError(f"model '{model_cfg.name}': set model.repo (a hub id or a local folder) or model.build")
+    from hydra.utils import instantiate
+    return str(instantiate(model_cfg.build, cache_dir=str(cache_root)))
+
+
+def cache_folder(model_cfg, cache_cfg, corpus, repo: str, cache_root: str | os.PathLike) -> Path:
+    # A local suite is named by its folder name (which carries its build hash), so the cache survives a
+    # move of the cache root; a hub suite by its repo id.
+    repo_key = Path(repo).name if Path(repo).is_dir() else repo
+    key = dict(format=FORMAT_VERSION, repo=repo_key, revisions=list(model_cfg.revisions), layer=model_cfg.layer,
+               hook=model_cfg.hook, context_length=model_cfg.context_length, corpus=corpus.config(),
+               n_tokens=cache_cfg.n_tokens, dtype=cache_cfg.dtype, drop_first=cache_cfg.drop_first,
+               samples_per_shard=cache_cfg.samples_per_shard, model_dtype=cache_cfg.model_dtype)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(cache_root) / "activations" / f"{model_cfg.name}-{digest}"
+
+
+def ensure_cached(model_cfg, cache_cfg, corpus, cache_root: str | os.PathLike) -> Path:
+    """The dataset folder for this configuration: returned at once if complete, else built or resumed."""
+    repo = resolve_repo(model_cfg, cache_root)
+    check_revisions(repo, list(model_cfg.revisions))
+    folder = cache_folder(model_cfg, cache_cfg, corpus, repo, cache_root)
+    if (folder / "manifest.json").is_file():
+        return folder
+    ActivationCache(folder, repo, model_cfg, cache_cfg, corpus).run()
+    return folder
+
+
+class ActivationCache:
+    def __init__(self, folder: Path, repo: str, model_cfg, cache_cfg, corpus):
+        if cache_cfg.dtype not in DTYPES:
+            raise ValueError(f"cache.dtype: '{cache_cfg.dtype}' is not one of {DTYPES}")
+        if not 0 <= cache_cfg.drop_first < model_cfg.context_length:
+            raise ValueError(f"cache.drop_first: {cache_cfg.drop_first} must be in 0..{model_cfg.context_length - 1}")
+        self.folder, self.repo, self.model_cfg, self.cfg, self.corpus = folder, repo, model_cfg, cache_cfg, corpus
+        self.revisions = list(model_cfg.revisions)
+        self.T = model_cfg.context_length - cache_cfg.drop_first  # tokens stored per window
+        self.n_windows = math.ceil(cache_cfg.n_tokens / self.T)
+        self.sps = cache_cfg.samples_per_shard
+        self.n_shards = math.ceil(self.n_windows / self.sps)
+        self.chunk_shards = max(1, cache_cfg.chunk_tokens // (self.sps * self.T))
+        self.device = cache_cfg.device if cache_cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model_dtype = getattr(torch, cache_cfg.model_dtype)
+
+    # ---- progress ----------------------------------------------------------------------------------
+    def _load_progress(self) -> dict:
+        path = self.folder / PROGRESS
+        if not path.is_file():
+            return {"shards": [], "stats": [], "chunk_snapshots_done": []}
+        progress = json.loads(path.read_text())
+        for entry in progress["shards"]:  # finished shards are trusted only if intact
+            if sha256_file(self.folder / entry["file"]) != entry["sha256"]:
+                raise FormatError(f"{self.folder / entry['file']}: sha256 differs from {PROGRESS}; the cache is "
+                                  f"damaged: delete {self.folder} to rebuild it")
+        return progress
+
+    def _save_progress(self, progress: dict) -> None:
+        write_atomic(self.folder / PROGRESS, json.dumps(progress))
+
+    # ---- the work ----------------------------------------------------------------------------------
+    def run(self) -> Manifest:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        progress = self._load_progress()
+        tokenizer = load_tokenizer(self.repo, self.revisions[0])
+        windows = self.corpus.windows(tokenizer, self.model_cfg.context_length,
+                                      max_tokens=self.n_windows * self.model_cfg.context_length)
+        done_shards = len(progress["shards"])
+        for _ in range(done_shards * self.sps):  # the corpus is deterministic: skip what is cached
+            next(windows, None)
+        S, D = len(self.revisions), self.model_cfg.d_model
+        total = self.n_windows * self.T * S
+        bar = tqdm(total=total, initial=min(done_shards * self.sps * self.T * S, total), unit="tok",
+                   unit_scale=True, desc=f"caching {self.model_cfg.name}", dynamic_ncols=True)
+        hook_point = None
+        for first_shard in range(done_shards, self.n_shards, self.chunk_shards):
+            n_shards = min(self.chunk_shards, self.n_shards - first_shard)
+            chunk = [w for _, w in zip(range(n_shards * self.sps), windows)]
+            if not chunk:
+                break
+            ids = torch.from_numpy(np.stack([w.tokens for w in chunk])).long()
+            buffer_path = self.folder / f"chunk-{first_shard:06d}.buffer"
+            storage = np.uint16 if self.cfg.dtype == "bfloat16" else np.dtype(self.cfg.dtype)
+            buffer = np.lib.format.open_memmap(buffer_path, mode="r+" if buffer_path.exists() else "w+",
+                                               dtype=storage, shape=(len(chunk), self.T, S, D))
+            for s, revision in enumerate(self.revisions):
+                if revision in progress["chunk_snapshots_done"]:
+                    bar.update(len(chunk) * self.T)
+                    continue
+                model = load_snapshot(self.repo, revision, self.model_dtype, self.device)
+                hook_point = hook_point or hook_point_name(model, self.model_cfg.layer, self.model_cfg.hook)
+                for i in range(0, len(chunk), self.cfg.batch_size):
+                    acts = activations(model, ids[i:i + self.cfg.batch_size], self.model_cfg.layer, self.model_cfg.hook)
+                    acts = acts[:, self.cfg.drop_first:].float().cpu().numpy()
+                    if acts.shape[-1] != D:
+                        raise FormatError(f"{self.repo}/{revision}: hook output has width {acts.shape[-1]}, "
+                                          f"model.d_model says {D}")
+                    if not np.isfinite(acts).all():
+                        raise FormatError(f"{self.repo}/{revision}: NaN/Inf activations at the hook")
+                    try:
+                        buffer[i:i + len(acts), :, s] = to_storage(acts, self.cfg.dtype)
+                    except FormatError as e:
+                        raise FormatError(f"{revision}: {e}") from None
+                    bar.update(len(acts) * self.T)
+                buffer.flush()
+                progress["chunk_snapshots_done"].append(revision)
+                self._save_progress(progress)
+                del model
+                gc.collect()
+            for k in range(n_shards):
+                entry, stats = self._write_shard(first_shard + k, buffer, chunk, k)
+                progress["shards"].append(entry.__dict__)
+                progress["stats"].append(stats.to_json())
+            progress["chunk_snapshots_done"] = []
+            self._save_progress(progress)
+            del buffer
+            buffer_path.unlink()
+        bar.close()
+        return self._finish(progress, hook_point)
+
+    def _write_shard(self, index: int, buffer: np.ndarray, chunk: list, k: int) -> tuple[ShardEntry, RunningStats]:
+        writer = ShardWriter(self.folder / SHARD_NAME.format(index), len(self.revisions), self.model_cfg.d_model,
+                             self.T, self.cfg.dtype)
+        for j in range(k * self.sps, min((k + 1) * self.sps, len(chunk))):
+            w = chunk[j]
+            writer.write(from_storage(np.asarray(buffer[j]), self.cfg.dtype), w.tokens[self.cfg.drop_first:],
+                         doc=w.doc, start=w.start + self.cfg.drop_first)
+        return writer.close()
+
+    def _finish(self, progress: dict, hook_point: str | None) -> Manifest:
+        stats = RunningStats(len(self.revisions), self.model_cfg.d_model)
+        for s in progress["stats"]:
+            stats.merge(RunningStats.from_json(s))
+        if hook_point is None:  # everything was cached before a restart: name the hook without a model
+            hook_point = f"layers.{self.model_cfg.layer}.{self.model_cfg.hook}"
+        manifest = Manifest(
+            model=self.repo if not Path(self.repo).is_dir() else f"{self.model_cfg.name} ({self.repo})",
+            hook_point=f"{hook_point} ({self.model_cfg.hook})", d_model=self.model_cfg.d_model,
+            snapshots=[Snapshot(r, revision_step(r)) for r in self.revisions], dtype=self.cfg.dtype,
+            tokens_per_sample=self.T, shards=[ShardEntry(**e) for e in progress["shards"]],
+            stats=stats.snapshot_stats(self.revisions),
+            extra={"repo": self.repo, "layer": self.model_cfg.layer, "hook": self.model_cfg.hook,
+                   "context_length": self.model_cfg.context_length, "drop_first": self.cfg.drop_first,
+                   "corpus": self.corpus.config(), "tokenizer": str(Path(self.repo) / self.revisions[0])
+                   if Path(self.repo).is_dir() else self.repo})
+        write_manifest(self.folder, manifest)
+        return read_manifest(self.folder)
+
+
+def bytes_per_token(folder: str | os.PathLike) -> tuple[float, float]:
+    """(bytes on disk per token, the floor: bytes of one stored value x S x D)."""
+    m = read_manifest(folder)
+    size = sum((Path(folder) / e.file).stat().st_size for e in m.shards)
+    width = 4 if m.dtype == "float32" else 2
+    return size / m.n_tokens, width * len(m.snapshots) * m.d_model
+
+
+if __name__ == "__main__":
+    import hydra
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig
+
+    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+    @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        start = time.time()
+        folder = ensure_cached(cfg.model, cfg.cache, instantiate(cfg.corpus), cfg.paths.cache_dir)
+        per_token, floor = bytes_per_token(folder)
+        print(f"{folder}\n{read_manifest(folder).n_tokens:,} tokens, {per_token:.1f} bytes/token on disk "
+              f"({per_token / floor:.3f}x the floor of {floor:.0f}); {time.time() - start:.0f}s")
+
+    main()
