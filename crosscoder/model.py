@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from crosscoder import sparse
+
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 WEIGHTS_NAME = "crosscoder.safetensors"
 
@@ -27,7 +29,7 @@ WEIGHTS_NAME = "crosscoder.safetensors"
 class CrosscoderOutput(NamedTuple):
     latents: torch.Tensor  # [B, F] feature activations f (after the activation function)
     recon: torch.Tensor  # [B, S, D] reconstruction a_hat, in normalised units
-    pre_acts: torch.Tensor  # [B, F] encoder pre-activations (before the activation function)
+    pre_acts: torch.Tensor | None  # [B, F] encoder pre-activations; None on the sparse TopK path
 
 
 class LossTerms(NamedTuple):
@@ -86,7 +88,8 @@ class Crosscoder(nn.Module):
 
     def __init__(self, n_snapshots: int, d_model: int, d_sae: int, activation: str = "relu",
                  k: int = 32, dec_init_norm: float = 0.1, jumprelu_init_threshold: float = 0.001,
-                 jumprelu_bandwidth: float = 0.001, snapshot_names: list[str] | None = None):
+                 jumprelu_bandwidth: float = 0.001, snapshot_names: list[str] | None = None,
+                 sparse_topk: bool | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"crosscoder.activation: '{activation}' is not one of {ACTIVATIONS}")
@@ -96,6 +99,7 @@ class Crosscoder(nn.Module):
         self.n_snapshots, self.d_model, self.d_sae = S, D, F
         self.activation, self.k = activation, k
         self.jumprelu_bandwidth = jumprelu_bandwidth
+        self.sparse_topk = sparse_topk  # None: automatic (see use_sparse_topk)
         self.snapshot_names = list(snapshot_names) if snapshot_names else [f"snapshot{i}" for i in range(S)]
         if len(self.snapshot_names) != S:
             raise ValueError(f"snapshot_names has {len(self.snapshot_names)} names for {S} snapshots")
@@ -159,6 +163,13 @@ class Crosscoder(nn.Module):
             return kept.view_as(post)
         return post * (score > self.batchtopk_threshold.clamp(min=0)).to(post.dtype)
 
+    def use_sparse_topk(self) -> bool:
+        """The active-latents-only path (crosscoder/sparse.py) for TopK when gradients are needed and it wins;
+        ``sparse_topk`` = True / False forces it on / off."""
+        if self.activation != "topk" or self.sparse_topk is False:
+            return False
+        return self.sparse_topk is True or (torch.is_grad_enabled() and sparse.sparse_wins(self.d_sae, self.k))
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, F] -> reconstruction [B, S, D]."""
         B = latents.shape[0]
@@ -166,6 +177,10 @@ class Crosscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> CrosscoderOutput:
         """x: [B, S, D] normalised activations."""
+        if self.use_sparse_topk():
+            values, idx, recon = sparse.topk_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+            latents = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device).scatter(-1, idx, values)
+            return CrosscoderOutput(latents=latents, recon=recon, pre_acts=None)
         pre = self.encode_pre(x)
         latents = self.activate(pre)
         return CrosscoderOutput(latents=latents, recon=self.decode(latents), pre_acts=pre)
