@@ -67,7 +67,7 @@ def reference_step(S: int, D: int, F: int, B: int):
 
 def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool):
     model = Crosscoder(S, D, F, activation=activation, k=32)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as CrosscoderModule configures it
     x = torch.randn(B, S, D)
 
     def step():

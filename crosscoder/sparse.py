@@ -33,7 +33,7 @@ class _TopKEncode(torch.autograd.Function):
         # relu's gradient on the selected entries, in the dtype of the (fp32 master) weights under autocast
         g = (grad_values * (values > 0)).reshape(-1).to(x_flat.dtype)
         rows = torch.arange(B, device=idx.device).repeat_interleave(k)
-        grad_pre = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g, (ctx.F, B))
+        grad_pre = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g, (ctx.F, B), check_invariants=False)
         grad_W = torch.sparse.mm(grad_pre, x_flat).t()  # [S*D, F] from B*k non-zeros
         grad_b = torch.zeros(ctx.F, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g)
         return None, grad_W, grad_b, None, None
