@@ -65,8 +65,8 @@ def reference_step(S: int, D: int, F: int, B: int):
     return step
 
 
-def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool):
-    model = Crosscoder(S, D, F, activation=activation, k=32)
+def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse_topk: bool | None = None):
+    model = Crosscoder(S, D, F, activation=activation, k=32, sparse_topk=sparse_topk)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as CrosscoderModule configures it
     x = torch.randn(B, S, D)
 
@@ -134,6 +134,10 @@ def main() -> None:
                 rows.append(dict(shape=f"S={S} D={D} F={F}", variant=activation, precision=precision,
                                  tokens_per_s=B / t, gflops=flops / t / 1e9,
                                  roofline_frac=flops / t / 1e9 / roof["float32"], speedup_vs_reference=ref / t))
+        t = timed(our_step(S, D, F, B, "topk", False, sparse_topk=False), repeats)  # the dense path it replaces
+        rows.append(dict(shape=f"S={S} D={D} F={F}", variant="topk, dense path", precision="float32",
+                         tokens_per_s=B / t, gflops=flops / t / 1e9, roofline_frac=flops / t / 1e9 / roof["float32"],
+                         speedup_vs_reference=ref / t))
         for r in rows:
             r.setdefault("roofline_gflops_fp32", roof["float32"])
             r.setdefault("roofline_gflops_bf16", roof["bfloat16"])
@@ -143,7 +147,7 @@ def main() -> None:
         print(f"{r['shape']:22}{r['variant']:24}{r['precision']:10}{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}"
               f"{r['roofline_frac']:>13.0%}{r['speedup_vs_reference']:>8.2f}")
     print(f"matmul roofline: " + ", ".join(f"{r['shape']}: fp32 {r['roofline_gflops_fp32']:.0f} / bf16 "
-                                         f"{r['roofline_gflops_bf16']:.0f} GFLOP/s" for r in rows[::7]))
+                                         f"{r['roofline_gflops_bf16']:.0f} GFLOP/s" for r in rows[::8]))
     print(f"explained variance after 150 steps: float32 {ev32:.4f}, bfloat16 autocast {ev16:.4f} (diff {ev16 - ev32:+.4f})")
     out = ROOT / "bench" / "results" / ("step_quick.json" if args.quick else "step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
