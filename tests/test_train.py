@@ -51,11 +51,13 @@ def test_train_writes_run_folder_and_tensorboard(toy_dataset, tmp_path, activati
 
     scalars, histograms = read_scalars(run / "tensorboard")
     for tag in ["train/loss", "train/mse", "train/sparsity", "train/l0", "train/dead_fraction",
-                "val/explained_variance", "val/explained_variance/step4", "val/l0", "val/dead_fraction", "val/mse"]:
+                "val/explained_variance", "val/explained_variance/step4", "val/l0", "val/dead_fraction", "val/mse",
+                "perf/data_wait_fraction", "perf/tokens_per_s"]:
         assert tag in scalars, tag
     assert [step for step, _ in scalars["val/explained_variance"]][-1] == 29  # validation ran at the end
     assert scalars["val/explained_variance"][-1][1] == pytest.approx(final["val/explained_variance"], rel=1e-6)
     assert "decoder_norm/step0" in histograms
+    assert 0 <= scalars["perf/data_wait_fraction"][-1][1] < 1 and scalars["perf/tokens_per_s"][-1][1] > 0
     assert scalars["train/loss"][-1][1] < scalars["train/loss"][0][1]  # it learns
 
 
