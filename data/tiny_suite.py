@@ -181,7 +181,9 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
                         enable_model_summary=False, callbacks=[saver], deterministic=True)
     trainer.fit(LanguageModelModule(model, lr, warmup_steps, max_steps), train_dataloaders=loader)
 
-    curve = {**saver.curve, "tokens_per_step": batch_size * context_length}
+    # "steps"/"loss" (validation at the checkpoints) is the pair analysis tools read as the suite's curve
+    curve = {"steps": saver.curve["val_step"], "loss": saver.curve["val_loss"], **saver.curve,
+             "tokens_per_step": batch_size * context_length}
     write_atomic(partial / "loss_curve.json", json.dumps(curve))
     plot_loss_curve(curve, partial / "loss_curve.png")
     summary = {"config": config, "revisions": [f"step{s}" for s in steps], "steps": steps,
