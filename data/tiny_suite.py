@@ -140,7 +140,7 @@ def plot_loss_curve(curve: dict, path: Path) -> None:
 def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                 context_length: int = 128, vocab_size: int = 4096, batch_size: int = 16, max_steps: int = 1024,
                 lr: float = 1e-3, warmup_steps: int = 32, log_until: int = 512, every: int = 128, seed: int = 0,
-                corpus_seed: int = 0) -> Path:
+                corpus_seed: int = 0, max_docs: int | None = None) -> Path:
     """Build the suite under ``<cache_dir>/suites/tiny-<hash of these arguments>`` (or find it built)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
@@ -150,7 +150,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
 
     config = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, context_length=context_length,
                   vocab_size=vocab_size, batch_size=batch_size, max_steps=max_steps, lr=lr,
-                  warmup_steps=warmup_steps, log_until=log_until, every=every, seed=seed, corpus_seed=corpus_seed)
+                  warmup_steps=warmup_steps, log_until=log_until, every=every, seed=seed, corpus_seed=corpus_seed,
+                  max_docs=max_docs)
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "suites" / f"tiny-{key}"
     if (folder / SUITE_FILE).is_file():
@@ -161,8 +162,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
     start = time.time()
     L.seed_everything(seed, workers=True)
     hf_cache = str(Path(cache_dir) / "hf_datasets")
-    train_corpus = TextCorpus("stdlib", split="train", seed=corpus_seed, cache_dir=hf_cache)
-    val_corpus = TextCorpus("stdlib", split="validation", seed=corpus_seed, cache_dir=hf_cache)
+    train_corpus = TextCorpus("stdlib", split="train", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
+    val_corpus = TextCorpus("stdlib", split="validation", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
     tokenizer = train_tokenizer([t for _, t in train_corpus.texts()], vocab_size)
     train_windows = tokenised_windows(train_corpus, tokenizer, context_length)
     val_windows = tokenised_windows(val_corpus, tokenizer, context_length)[:64]
