@@ -22,7 +22,7 @@ from torch import nn
 
 from crosscoder import sparse
 
-ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
+ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk", "paper")
 WEIGHTS_NAME = "crosscoder.safetensors"
 
 
@@ -30,6 +30,7 @@ class CrosscoderOutput(NamedTuple):
     latents: torch.Tensor  # [B, F] feature activations f (after the activation function)
     recon: torch.Tensor  # [B, S, D] reconstruction a_hat, in normalised units
     pre_acts: torch.Tensor | None  # [B, F] encoder pre-activations; None on the sparse TopK path
+    snapshot_latents: torch.Tensor | None = None  # [B, S, F] per-snapshot codes ("paper" activation only)
 
 
 class LossTerms(NamedTuple):
@@ -58,7 +59,7 @@ class _JumpStep(torch.autograd.Function):
         x, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         window = ((x - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_t = (-grad * window / eps).sum(0)
+        grad_t = (-grad * window / eps).reshape(-1, threshold.shape[-1]).sum(0)
         return None, grad_t, None
 
 
@@ -77,7 +78,7 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         open_ = (x > threshold).to(grad.dtype)
         window = ((x - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_t = (-grad * threshold / eps * window).sum(0)
+        grad_t = (-grad * threshold / eps * window).reshape(-1, threshold.shape[-1]).sum(0)
         return grad * open_, grad_t, None
 
 
@@ -89,7 +90,7 @@ class Crosscoder(nn.Module):
     def __init__(self, n_snapshots: int, d_model: int, d_sae: int, activation: str = "relu",
                  k: int = 32, dec_init_norm: float = 0.1, jumprelu_init_threshold: float = 0.001,
                  jumprelu_bandwidth: float = 0.001, snapshot_names: list[str] | None = None,
-                 sparse_topk: bool | None = None):
+                 sparse_topk: bool | None = None, tanh_c: float = 4.0, tanh_s: float = 0.01):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"crosscoder.activation: '{activation}' is not one of {ACTIVATIONS}")
@@ -100,6 +101,7 @@ class Crosscoder(nn.Module):
         self.activation, self.k = activation, k
         self.jumprelu_bandwidth = jumprelu_bandwidth
         self.sparse_topk = sparse_topk  # None: automatic (see use_sparse_topk)
+        self.tanh_c, self.tanh_s = tanh_c, tanh_s  # "paper": the tanh-quad penalty's c and s
         self.snapshot_names = list(snapshot_names) if snapshot_names else [f"snapshot{i}" for i in range(S)]
         if len(self.snapshot_names) != S:
             raise ValueError(f"snapshot_names has {len(self.snapshot_names)} names for {S} snapshots")
@@ -108,7 +110,7 @@ class Crosscoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(F, S, D))
         self.b_dec = nn.Parameter(torch.zeros(S, D))
         self.register_buffer("scale", torch.ones(S))
-        if activation == "jumprelu":
+        if activation in ("jumprelu", "paper"):
             self.log_threshold = nn.Parameter(torch.full((F,), float(torch.tensor(jumprelu_init_threshold).log())))
         # BatchTopK uses a per-batch threshold in training and this running estimate at inference
         # (Bussmann et al. 2024), so a token's code does not depend on the rest of its batch.
@@ -177,6 +179,8 @@ class Crosscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> CrosscoderOutput:
         """x: [B, S, D] normalised activations."""
+        if self.activation == "paper":
+            return self._forward_paper(x)
         if self.use_sparse_topk():
             values, idx, recon = sparse.topk_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
             latents = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device).scatter(-1, idx, values)
@@ -185,11 +189,29 @@ class Crosscoder(nn.Module):
         latents = self.activate(pre)
         return CrosscoderOutput(latents=latents, recon=self.decode(latents), pre_acts=pre)
 
+    def _forward_paper(self, x: torch.Tensor) -> CrosscoderOutput:
+        """The paper's code (Ge et al. 2026): one JumpReLU gate per snapshot on pre * ||W_dec[i, s]||, with
+        one learned threshold per latent shared by the snapshots, so a latent can be on at some snapshots
+        and off at others. f[b, s, i] = pre[b, i] * H(pre[b, i] * ||W_dec[i, s]|| - t_i)."""
+        pre = self.encode_pre(x)  # [B, F]
+        norms = self.decoder_norms().T  # [S, F]
+        gates = _step_ste(pre[:, None, :] * norms, self.log_threshold.exp(), self.jumprelu_bandwidth)
+        snapshot_latents = pre[:, None, :] * gates  # [B, S, F]
+        recon = torch.einsum("bsf,fsd->bsd", snapshot_latents, self.W_dec) + self.b_dec
+        return CrosscoderOutput(latents=snapshot_latents.amax(1).clamp(min=0), recon=recon, pre_acts=pre,
+                                snapshot_latents=snapshot_latents)
+
     def loss_terms(self, x: torch.Tensor, out: CrosscoderOutput) -> LossTerms:
         mse = (out.recon - x).pow(2).sum(dim=(1, 2)).mean()
         dec_norm_sum = self.decoder_norms().sum(-1)  # [F]
         active = (out.latents > 0).to(x.dtype)
-        if self.activation == "jumprelu":
+        if self.activation == "paper":
+            # "tanh-quad": p_i = mean over tokens and snapshots of tanh(c * f_i^s * ||W_dec[i, s]||);
+            # penalty = sum_i p_i (1 + p_i / s), which punishes latents that fire often much harder.
+            contribution = out.snapshot_latents * self.decoder_norms().T  # [B, S, F]
+            p = torch.tanh(self.tanh_c * contribution).mean(dim=(0, 1))
+            sparsity = (p * (1 + p / self.tanh_s)).sum()
+        elif self.activation == "jumprelu":
             # L0-style penalty: the number of open gates, each weighted by the latent's decoder norm sum;
             # the step's straight-through gradient is what trains the thresholds.
             gates = _step_ste(out.pre_acts, self.log_threshold.exp(), self.jumprelu_bandwidth)
@@ -202,6 +224,7 @@ class Crosscoder(nn.Module):
     def config(self) -> dict:
         return dict(n_snapshots=self.n_snapshots, d_model=self.d_model, d_sae=self.d_sae,
                     activation=self.activation, k=self.k, jumprelu_bandwidth=self.jumprelu_bandwidth,
+                    tanh_c=self.tanh_c, tanh_s=self.tanh_s,
                     snapshot_names=self.snapshot_names)
 
     def save(self, run_dir: str | os.PathLike) -> Path:

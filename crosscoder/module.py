@@ -42,7 +42,8 @@ class CrosscoderModule(L.LightningModule):
                  jumprelu_bandwidth: float = 0.001, optimizer: str = "adam", lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  lr_warmup_steps: int | float = 0.01, lr_decay_start: float = 0.8, lr_final_factor: float = 0.0,
-                 dead_window_tokens: int = 1_000_000, snapshot_names: list[str] | None = None,
+                 dead_window_tokens: int = 1_000_000, tanh_c: float = 4.0, tanh_s: float = 0.01,
+                 threshold_lr_factor: float = 1.0, snapshot_names: list[str] | None = None,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
         """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float < 1).
@@ -71,7 +72,8 @@ class CrosscoderModule(L.LightningModule):
         for f in self.d_saes:
             cc = Crosscoder(n_snapshots, d_model, f, activation=activation, k=k, dec_init_norm=dec_init_norm,
                             jumprelu_init_threshold=jumprelu_init_threshold,
-                            jumprelu_bandwidth=jumprelu_bandwidth, snapshot_names=snapshot_names)
+                            jumprelu_bandwidth=jumprelu_bandwidth, snapshot_names=snapshot_names,
+                            tanh_c=tanh_c, tanh_s=tanh_s)
             if norm_scale is not None:
                 cc.scale.copy_(torch.as_tensor(norm_scale, dtype=torch.float32))
             if data_mean is not None:
@@ -174,7 +176,10 @@ class CrosscoderModule(L.LightningModule):
         cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
         # The fused kernel updates all state in one pass: on CPU the unfused Adam (a div and a sqrt pass over
         # every parameter) took 16% of a large step in bench/step.py's profile, fused takes a sixth of that.
-        opt = cls(self.crosscoders.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                  fused=True)
+        # JumpReLU thresholds may learn at their own rate (the paper: 0.1x the lr for Pythia-160M)
+        thresholds = [p for n, p in self.crosscoders.named_parameters() if n.endswith("log_threshold")]
+        others = [p for n, p in self.crosscoders.named_parameters() if not n.endswith("log_threshold")]
+        groups = [{"params": others}] + ([{"params": thresholds, "lr": hp.lr * hp.threshold_lr_factor}] if thresholds else [])
+        opt = cls(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
