@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections import deque
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -76,19 +77,26 @@ class TextCorpus:
     def windows(self, tokenizer, context_length: int, max_tokens: int | None = None) -> Iterator[Window]:
         """Pack documents (separated by the tokenizer's EOS token) into windows of ``context_length``."""
         eos = tokenizer.eos_token_id
-        buf: list[int] = []
-        owner: list[tuple[int, int]] = []  # (doc, position in doc) of each buffered token
-        emitted = 0
+        pending: deque[list] = deque()  # [doc, next position, ids] of documents not yet fully windowed
+        size = emitted = 0
         for doc, text in self.texts():
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if eos is not None:
-                ids = ids + [eos]
-            buf.extend(ids)
-            owner.extend((doc, p) for p in range(len(ids)))
-            while len(buf) >= context_length:
-                d, start = owner[0]
-                yield Window(doc=d, start=start, tokens=np.asarray(buf[:context_length], dtype=np.int32))
-                del buf[:context_length], owner[:context_length]
+            ids = np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32)
+            pending.append([doc, 0, ids])
+            size += len(ids)
+            while size >= context_length:
+                first_doc, start = pending[0][0], pending[0][1]
+                parts, need = [], context_length
+                while need:
+                    segment = pending[0]
+                    take = min(need, len(segment[2]) - segment[1])
+                    parts.append(segment[2][segment[1]:segment[1] + take])
+                    segment[1] += take
+                    need -= take
+                    if segment[1] == len(segment[2]):
+                        pending.popleft()
+                size -= context_length
+                yield Window(doc=first_doc, start=start, tokens=np.concatenate(parts))
                 emitted += context_length
                 if max_tokens is not None and emitted >= max_tokens:
                     return
