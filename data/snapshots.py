@@ -6,7 +6,6 @@ revision="step1000")``, or a local folder holding one sub-folder per revision (`
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from data.datamodule import ActivationDataModule
-from data.format import (DatasetWriter, FormatError, Snapshot, iter_samples, npy_bytes, read_manifest,
-                         sha256_file, write_manifest)
+from data.format import DatasetWriter, FormatError, Snapshot, iter_samples, npy_bytes, read_manifest, sha256_file
 from tests.conftest import write_toy_dataset
 
 

@@ -87,7 +87,6 @@ def test_jumprelu_threshold_gradient_is_the_straight_through_estimate():
     torch.manual_seed(0)
     model = Crosscoder(1, 2, 3, activation="jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
     pre = torch.tensor([[0.45, 0.58, 1.0], [0.52, 0.2, 0.41]])
-    t = model.log_threshold.exp()
     f = model.activate(pre)
     assert torch.equal(f, pre * (pre > 0.5))
     f.sum().backward()
