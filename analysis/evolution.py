@@ -38,12 +38,28 @@ def categorise(present: np.ndarray, dead: np.ndarray) -> np.ndarray:
     return np.where(dead | ~present.any(1), "dead", out).astype(object)
 
 
+CHUNK = 1024  # latents per float64 block: a paper-size W_dec (98k x 32 x 768) is ~10 GB in float32 alone
+
+
+def _per_chunk(W_dec: torch.Tensor, fn) -> np.ndarray:
+    """fn over float64 blocks of CHUNK latents of W_dec [F, S, D], concatenated: never a full float64 copy."""
+    return np.concatenate([fn(W_dec[lo:lo + CHUNK].detach().cpu().double()).numpy()
+                           for lo in range(0, W_dec.shape[0], CHUNK)])
+
+
+def decoder_norms(W_dec: torch.Tensor) -> np.ndarray:
+    """[F, S] ||W_dec[i, s]|| in float64."""
+    return _per_chunk(W_dec, lambda w: w.norm(dim=-1))
+
+
 def consecutive_cosines(W_dec: torch.Tensor) -> np.ndarray:
     """W_dec [F, S, D] -> [F, S-1]: cos(W_dec[i, s-1], W_dec[i, s]); NaN where either vector is zero."""
-    a, b = W_dec[:, :-1].double(), W_dec[:, 1:].double()
-    denom = a.norm(dim=-1) * b.norm(dim=-1)
-    cos = (a * b).sum(-1) / denom
-    return torch.where(denom > 0, cos, torch.full_like(cos, float("nan"))).numpy()
+    def block(w: torch.Tensor) -> torch.Tensor:
+        a, b = w[:, :-1], w[:, 1:]
+        denom = a.norm(dim=-1) * b.norm(dim=-1)
+        cos = (a * b).sum(-1) / denom
+        return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
+    return _per_chunk(W_dec, block)
 
 
 def feature_table(W_dec: torch.Tensor, names: list[str], steps: list[int], emergence_fraction: float = 0.2,
@@ -51,8 +67,7 @@ def feature_table(W_dec: torch.Tensor, names: list[str], steps: list[int], emerg
     """One row per latent. W_dec [F, S, D] (normalised units); fired [F] and active [F, S] are the
     activation frequencies from analysis.activations (None without an activation pass: NaN columns,
     and only all-zero decoders count as dead)."""
-    W_dec = W_dec.detach().cpu()
-    norms = W_dec.double().norm(dim=-1).numpy()  # [F, S]
+    norms = decoder_norms(W_dec)  # [F, S]
     F, S = norms.shape
     if len(names) != S or len(steps) != S:
         raise ValueError(f"feature_table: {len(names)} names / {len(steps)} steps for {S} snapshots")
@@ -103,7 +118,7 @@ def norm_matrix(table: pd.DataFrame, names: list[str]) -> np.ndarray:
 
 
 @torch.no_grad()
-def projection_matrix(W_dec: torch.Tensor, present: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def projection_matrix(W_dec: torch.Tensor, present: np.ndarray, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Mean over features present at both i and j of cos(W_dec[f, i], W_dec[f, j]).
 
     W_dec [F, S, D], present [F, S] bool. Returns (mean [S, S] with NaN where no feature is present at

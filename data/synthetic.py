@@ -223,8 +223,8 @@ def generate(cfg: SyntheticConfig, out: str | Path) -> Manifest:
 
 def save_truth(folder: str | Path, truth: Truth) -> None:
     from safetensors.numpy import save
-    arrays = {k: np.ascontiguousarray(getattr(truth, k)) for k in
-              ("directions", "strength", "birth", "peak", "death", "category", "frequency", "noise_std", "fires")}
+    arrays = {f.name: np.ascontiguousarray(getattr(truth, f.name)) for f in dataclasses.fields(Truth)
+              if f.name != "config"}
     write_atomic(Path(folder) / TRUTH_TENSORS, save(arrays))
     meta = {"config": dataclasses.asdict(truth.config), "categories": list(CATEGORIES),
             "token_ids": "index of the token's strongest firing feature; n_features when none fires",
