@@ -38,6 +38,30 @@ def write_toy_dataset(folder: Path, *, n_samples: int = 40, tokens_per_sample: i
     return folder
 
 
+def write_neox_suite(root: Path, n_revisions: int = 2) -> Path:
+    """Revisions step0, step1, ... of a tiny random GPT-NeoX (3 layers, D=32), each the one before perturbed,
+    saved as Hugging Face folders with a BPE tokenizer trained on a few files of the offline corpus."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from data.corpus import TextCorpus
+    from data.tiny_suite import train_tokenizer
+    corpus = TextCorpus("stdlib", max_docs=30, cache_dir=str(root / "hf"))
+    tokenizer = train_tokenizer([t for _, t in corpus.texts()], vocab_size=400)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
+                                             num_attention_heads=4, intermediate_size=64, rotary_pct=0.25,
+                                             max_position_embeddings=256))
+    for step in range(n_revisions):
+        if step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(root / f"step{step}")
+        tokenizer.save_pretrained(root / f"step{step}")
+    return root
+
+
 @pytest.fixture
 def toy_dataset(tmp_path: Path) -> Path:
     return write_toy_dataset(tmp_path / "toy")

@@ -19,30 +19,13 @@ from data.cache import ensure_cached
 from data.corpus import TextCorpus
 from data.format import from_storage, iter_samples, read_manifest
 from data.snapshots import activations, check_revisions, load_snapshot, log_spaced_revisions, pythia_steps
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT, compose_train, write_neox_suite
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> Path:
     """Two revisions of a tiny random GPT-NeoX (step1 = step0 perturbed), each with its tokenizer."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from data.tiny_suite import train_tokenizer
-    root = tmp_path_factory.mktemp("suite")
-    corpus = TextCorpus("stdlib", max_docs=30, cache_dir=str(root / "hf"))
-    tokenizer = train_tokenizer([t for _, t in corpus.texts()], vocab_size=400)
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
-                                             num_attention_heads=4, intermediate_size=64, rotary_pct=0.25,
-                                             max_position_embeddings=256))
-    for step in (0, 1):
-        if step:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-        model.save_pretrained(root / f"step{step}")
-        tokenizer.save_pretrained(root / f"step{step}")
-    return root
+    return write_neox_suite(tmp_path_factory.mktemp("suite"), n_revisions=2)
 
 
 def configs(suite: Path, **cache):
