@@ -2,6 +2,8 @@
 
     python analyze.py run=<run folder>        # -> <run>/analysis/{features.parquet,csv, summary.json, fig*.png,
                                               #    browser.json, report.html, tensorboard/}
+    python analyze.py run=<run folder> attribution=induction   # + <run>/analysis/attribution/induction/
+                                              #    {attribution.json, top_features.csv, attribution.npz, fig7*.png}
     python analyze.py sweep=<multirun folder> # -> <sweep>/analysis/{runs.csv, sweep_analysis.json, fig5*.png,
                                               #    report.html, tensorboard/}
 
@@ -20,7 +22,8 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from analysis import browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
+from analysis import attribution, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
+from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.activations import activation_pass  # noqa: E402
 from analysis.config import check, register  # noqa: E402
 from data.format import write_atomic  # noqa: E402
@@ -59,6 +62,23 @@ def _baselines(cfg: DictConfig, run: run_files.RunFiles) -> list[dict]:
     return sweep.sae_baselines(sweep.collect_runs(source), run.names) if source is not None else []
 
 
+def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Path:
+    """The task's attribution at every snapshot -> <out>/attribution/<task>/ (and TensorBoard)."""
+    task, prompts, site, results = attribution.run(run, cfg.attribution, cfg.device)
+    facts = attribution.summarise(task, prompts, site, results, table, cfg.attribution)
+    folder = out / "attribution" / task.name
+    attribution.save(facts, results, folder)
+    png = figures.save_figure(fig_attribution(facts, np.stack([r.ig for r in results]), table),
+                              folder / attribution.FIGURE_NAME)
+    if cfg.tensorboard:
+        attribution.log_scalars(facts, out / "tensorboard")
+        figures.log_to_tensorboard([png], out / "tensorboard")
+    check = facts["causal_check"]
+    print(f"attribution ({task.name}): learned at {check['learned_snapshots']} of {len(results)} snapshots; causal "
+          f"check at k={check['k']} passed at {check['passed']}; {folder}")
+    return folder
+
+
 def analyze_run(cfg: DictConfig) -> Path:
     run = run_files.load_run(cfg.run, device=cfg.device)
     out = _out_dir(cfg, run.run_dir / "analysis")
@@ -88,7 +108,11 @@ def analyze_run(cfg: DictConfig) -> Path:
                                           run_files.load_token_decoder(run), cfg.context_before,
                                           cfg.context_after, cfg.seed)
     write_atomic(out / "browser.json", json.dumps(summary.clean(entries), indent=1))
-    page = report.run_report(facts, [(p, CAPTIONS[p.stem]) for p in pngs], entries, out / "report.html")
+    if cfg.attribution is not None:
+        attribute(cfg, run, table, out)
+    done = [(r, out / "attribution" / r["task"] / attribution.FIGURE_NAME) for r in attribution.load_results(out)]
+    page = report.run_report(facts, [(p, CAPTIONS[p.stem]) for p in pngs], entries, out / "report.html",
+                             [(r, fig if fig.is_file() else None) for r, fig in done])
     print(f"analysis of {run.run_dir}: {facts['categories']}, turning point step {facts['turning_point_step']}\n"
           f"report: {page}")
     return out

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+@dataclass
+class AttributionConfig:
+    """attribution=<task> (conf/analyze/attribution/<task>.yaml); definitions in analysis/attribution.py."""
+    task: Any = None  # the prompts and metric: _target_ analysis.tasks.Induction | IOI | SVA, and its parameters
+    ig_steps: int = 16  # integrated-gradients steps between the corrupted and the clean hook output
+    ks: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])  # sizes of the broken feature sets
+    show_k: int = 10  # the k the figure draws over snapshots and the causal check judges
+    random_sets: int = 5  # random feature sets per k, among the features the corruption changes
+    n_top: int = 20  # top features per snapshot in top_features.csv and attribution.json
+    min_gap: float = 0.5  # a snapshot has learned the task when clean - corrupted metric >= this
+    batch_size: int = 32  # prompts per forward pass
+    snapshots: Optional[list[str]] = None  # snapshots to attribute at; null = every snapshot of the crosscoder
+    repo: Optional[str] = None  # snapshot models; null = the dataset's record (local suite folder or hub id)
+    layer: Optional[int] = None  # hook block; null = the dataset's record
+    hook: Optional[str] = None  # resid_post | mlp_out | attn_out; null = the dataset's record
+    seed: int = 0  # random feature sets
 
 
 @dataclass
@@ -26,6 +45,7 @@ class AnalyzeConfig:
     baselines: Optional[Any] = None  # single-snapshot SAE runs for figure 4: a sweep folder or list of run folders
     tensorboard: bool = True  # also log the figures as TensorBoard images under <out>/tensorboard
     seed: int = 0  # random choice of browser features per category
+    attribution: Optional[AttributionConfig] = None  # attribution=<task>: the task's attribution over snapshots
 
 
 def check(cfg: Any) -> None:
@@ -41,9 +61,19 @@ def check(cfg: Any) -> None:
              ("browser_snapshots", cfg.browser_snapshots >= 0, ">= 0"),
              ("context_before", cfg.context_before >= 0, ">= 0"),
              ("context_after", cfg.context_after >= 0, ">= 0")]
+    a = cfg.attribution
+    if a is not None:
+        if a.task is None or "_target_" not in a.task:
+            raise ValueError("conf/analyze: attribution.task needs a _target_ (choose attribution=induction|ioi|sva)")
+        rules += [("attribution.ig_steps", a.ig_steps > 0, "> 0"),
+                  ("attribution.ks", len(a.ks) > 0 and all(k > 0 for k in a.ks), "a non-empty list of k > 0"),
+                  ("attribution.show_k", a.show_k in a.ks, f"one of attribution.ks {list(a.ks)}"),
+                  ("attribution.random_sets", a.random_sets > 0, "> 0"),
+                  ("attribution.n_top", a.n_top > 0, "> 0"),
+                  ("attribution.batch_size", a.batch_size > 0, "> 0")]
     for key, ok, want in rules:
         if not ok:
-            raise ValueError(f"conf/analyze: {key}={cfg[key]} must be {want}")
+            raise ValueError(f"conf/analyze: {key}={OmegaConf.select(cfg, key)} must be {want}")
 
 
 def register() -> None:

@@ -77,13 +77,44 @@ def browser_html(entries: list[dict], steps: list[int]) -> str:
     return "".join(cards)
 
 
+def attribution_html(result: dict, figure: Path | None) -> str:
+    """One task's attribution (analysis/attribution.py summarise): verdict, figure, per-snapshot table, top features."""
+    k = result["show_k"]
+    check = result["causal_check"]
+    m = result["model"]
+    intro = (f'<p>Metric: {html.escape(result["metric"])}; {result["n_prompts"]} prompt pairs of '
+             f'{result["prompt_tokens"]} tokens; hook {html.escape(m["hook"])} after block {m["layer"]} of '
+             f'<code>{html.escape(m["repo"])}</code>; integrated gradients with {result["ig_steps"]} steps. '
+             f'Causal check at k = {k}: passed at {check["passed"]} of the {check["learned_snapshots"]} snapshots '
+             f'where the task is learned ({html.escape(check["rule"])}).</p>')
+    examples = table_html(["clean prompt", "corrupted prompt", "answer", "wrong"],
+                          [[e["clean"], e["corrupted"], e["answer"], e["wrong"]] for e in result["examples"][:3]])
+
+    def at_k(s: dict, key: str):
+        return s[key][s["ks"].index(k)] if k in s["ks"] else None
+    rows = [[s["name"], s["step"], s["metric_clean"], s["metric_baseline"], "yes" if s["learned"] else "no",
+             at_k(s, "break_top_closed"), at_k(s, "break_random_closed_mean"), at_k(s, "restore_top_recovered"),
+             s["completeness_error"], ", ".join(f'#{f["feature"]} ({f["share_of_gap"]:.0%})'
+                                                 if f["share_of_gap"] is not None else f'#{f["feature"]}'
+                                                 for f in s["top_features"][:5])]
+            for s in result["snapshots"]]
+    per_snapshot = table_html(["snapshot", "step", "clean", "baseline", "learned", f"gap closed by top {k} broken",
+                               f"... by random {k} (mean)", f"recovered by top {k} restored",
+                               "completeness error", "top 5 features (share of gap)"], rows)
+    fig = figure_html(figure, f"7. {result['task']}: the metric over snapshots with the top / random {k} features "
+                              "broken and the top restored (top); each carrier's share of the gap (middle); "
+                              "their decoder norms (bottom).") if figure else ""
+    return intro + examples + fig + per_snapshot
+
+
 def render(title: str, sections: list[tuple[str, str]], intro: str = "") -> str:
     body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{intro}{body}</body></html>")
 
 
-def run_report(summary: dict, figures: list[tuple[Path, str]], browser: list[dict], out_path: Path) -> Path:
+def run_report(summary: dict, figures: list[tuple[Path, str]], browser: list[dict], out_path: Path,
+               attributions: list[tuple[dict, Path | None]] = ()) -> Path:
     names = [s["name"] for s in summary["snapshots"]]
     steps = [s["step"] for s in summary["snapshots"]]
     ev, l0, dead = summary["explained_variance"], summary["l0"], summary["dead_fraction"]
@@ -112,6 +143,7 @@ def run_report(summary: dict, figures: list[tuple[Path, str]], browser: list[dic
              "docs/ANALYSIS.md; tables: features.csv, summary.json, browser.json beside this file.</p>")
     sections = [("Summary", facts), ("Per snapshot", per_snapshot),
                 ("Figures", "".join(figure_html(p, c) for p, c in figures)),
+                *[(f"Attribution: {r['task']}", attribution_html(r, fig)) for r, fig in attributions],
                 ("Feature browser", browser_html(browser, steps))]
     write_atomic(out_path, render(f"Crosscoder analysis: {Path(summary['run']).name}", sections, intro))
     return out_path

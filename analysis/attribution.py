@@ -1,0 +1,332 @@
+"""Attribution of a task's metric to crosscoder features at every snapshot, with a causal check (the paper's
+attribution analysis; definitions in docs/ANALYSIS.md, "Attribution across snapshots").
+
+Axes: N prompts, T positions (from drop_first on), S snapshots, D model width, F latents.
+
+At snapshot s, with the crosscoder spliced in (analysis.splice), clean and corrupted prompts (analysis.tasks),
+their hook outputs h_clean / h_corr [N, T, D] and codes f_clean / f_corr [N, T, F], and m(h) = the mean over
+prompts of the task's logit difference when the clean prompts run with the hook's output set to h:
+
+  integrated gradients  A_i = sum_{n,t} (f_clean - f_corr)[n,t,i] * mean_alpha dm/df_i (h(alpha)),
+                        h(alpha) = h_corr + alpha (h_clean - h_corr), alpha at the midpoints of ig_steps
+                        equal steps. decode_s is affine and the error term moves with the code, so h(alpha) is
+                        exactly the spliced output of the interpolated code and error, and
+                        sum_i A_i + A_error = m(h_clean) - m(h_corr) up to the quadrature error (reported).
+  attribution patching  the same with the gradient at the clean run only (alpha = 1), one backward pass
+                        (Nanda 2023; Syed et al. 2023).
+
+A_i > 0 says that patching feature i to its corrupted value lowers the metric by about A_i: the feature
+carries that much of the clean behaviour. Features are ranked by A_i from integrated gradients.
+
+Causal check at each snapshot and each k:
+  break    the top-k features patched to their corrupted values in the clean run: the metric must move toward
+           the corrupted baseline m(h_corr);
+  random   k features drawn among those the corruption changes (f_clean != f_corr somewhere), patched the
+           same way: they must not (mean and standard deviation over ``random_sets`` draws);
+  restore  the corrupted run with only the top-k features set to their clean values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from analysis.run_files import RunFiles, select
+from analysis.splice import decode_at, hook_activations, logits_with, snapshot_code
+from analysis.tasks import TaskPrompts, logit_diff
+from data.format import write_atomic
+from data.snapshots import check_revisions, load_snapshot, load_tokenizer
+
+RESULT_FILE = "attribution.json"
+FIGURE_NAME = "fig7_attribution.png"
+
+
+class Site(NamedTuple):
+    repo: str  # hub id or local folder with one sub-folder per revision
+    layer: int
+    hook: str
+    drop_first: int  # positions at the start of every window that the crosscoder never saw
+
+
+def model_site(run: RunFiles, repo: str | None = None, layer: int | None = None, hook: str | None = None) -> Site:
+    """Where the snapshot models are and which hook the crosscoder reads: the dataset manifest's record,
+    else the run's config, each overridable."""
+    extra = run.manifest.extra if run.manifest is not None else {}
+    repo = repo or extra.get("repo") or select(run.config, "model.repo")
+    if not repo:
+        raise ValueError(f"{run.run_dir}: no snapshot models recorded (dataset manifest extra.repo or config "
+                         "model.repo); set attribution.repo=<local suite folder or hub id>")
+    layer = layer if layer is not None else extra.get("layer", select(run.config, "model.layer"))
+    hook = hook or extra.get("hook") or select(run.config, "model.hook", "resid_post")
+    if layer is None:
+        raise ValueError(f"{run.run_dir}: the hook's layer is not recorded; set attribution.layer=<block index>")
+    drop_first = int(extra.get("drop_first", select(run.config, "cache.drop_first", 0)))
+    return Site(str(repo), int(layer), str(hook), drop_first)
+
+
+@dataclasses.dataclass
+class SnapshotAttribution:
+    name: str
+    step: int
+    metric_clean: float  # the model's own forward pass on the clean prompts
+    metric_corrupted: float  # ... on the corrupted prompts
+    metric_baseline: float  # m(h_corr): clean prompts with the corrupted hook output (= corrupted for resid_post)
+    ig: np.ndarray  # [F] integrated-gradients attribution
+    atp: np.ndarray  # [F] attribution patching
+    error_ig: float  # integrated-gradients attribution of the error term
+    changed: np.ndarray  # [F] bool: features the corruption changes somewhere
+    ks: list[int]  # set sizes actually used (capped at the number of changed features)
+    break_top: list[float]  # m after breaking the top-k, per k
+    break_random: list[list[float]]  # m after breaking random k, per k and draw
+    restore_top: list[float]  # m of the corrupted run with the top-k restored, per k
+
+
+def _metric(model, prompts: TaskPrompts, site: Site, value: torch.Tensor | None, batch_size: int,
+            ids: torch.Tensor | None = None) -> float:
+    ids = prompts.clean if ids is None else ids
+    total = 0.0
+    for i in range(0, len(ids), batch_size):
+        rows = slice(i, i + batch_size)
+        v = None if value is None else value[rows]
+        total += logit_diff(logits_with(model, ids[rows], site.layer, site.hook, site.drop_first, v),
+                            prompts, rows).sum().item()
+    return total / len(ids)
+
+
+def mean_gradient(model, prompts: TaskPrompts, site: Site, h_clean: torch.Tensor, h_corr: torch.Tensor,
+                  alphas: list[float], batch_size: int) -> torch.Tensor:
+    """[N, T, D]: the mean over alphas of dm/dh at h_corr + alpha (h_clean - h_corr), m the mean logit
+    difference over all N prompts (so each prompt's gradient carries its 1/N)."""
+    N = len(prompts.clean)
+    grad = torch.zeros_like(h_clean)
+    for i in range(0, N, batch_size):
+        rows = slice(i, i + batch_size)
+        for alpha in alphas:
+            h = (h_corr[rows] + alpha * (h_clean[rows] - h_corr[rows])).requires_grad_(True)
+            m = logit_diff(logits_with(model, prompts.clean[rows], site.layer, site.hook, site.drop_first, h),
+                           prompts, rows).sum() / N
+            grad[rows] += torch.autograd.grad(m, h)[0] / len(alphas)
+    return grad
+
+
+@torch.no_grad()
+def feature_attribution(crosscoder, s: int, delta_code: torch.Tensor, grad: torch.Tensor,
+                        batch_size: int) -> np.ndarray:
+    """[F] sum_{n,t} delta_code[n,t,i] * dm/df_i, with dm/df_i = grad . W_dec[i, s] / scale[s]."""
+    W = crosscoder.W_dec[:, s] / crosscoder.scale[s]  # [F, D]
+    out = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    for i in range(0, len(grad), batch_size):
+        out += (delta_code[i:i + batch_size] * (grad[i:i + batch_size] @ W.T)).sum((0, 1)).double()
+    return out.cpu().numpy()
+
+
+@torch.no_grad()
+def causal_check(model, crosscoder, s: int, prompts: TaskPrompts, site: Site, h_clean: torch.Tensor,
+                 h_corr: torch.Tensor, delta_code: torch.Tensor, order: np.ndarray, changed: np.ndarray,
+                 ks: list[int], random_sets: int, rng: np.random.Generator, batch_size: int):
+    """Metrics after breaking the top-k / random k and restoring the top-k, per k (see the module docstring)."""
+    def shift(features: np.ndarray) -> torch.Tensor:  # hook-output change of patching these features' codes
+        idx = torch.as_tensor(features, device=delta_code.device)
+        return delta_code[..., idx] @ (crosscoder.W_dec[idx, s] / crosscoder.scale[s])
+
+    pool = np.flatnonzero(changed)
+    used, top, rand, restore = [], [], [], []
+    for k in ks:
+        k = min(k, len(pool))
+        if k == 0 or (used and used[-1] == k):
+            continue
+        used.append(k)
+        top.append(_metric(model, prompts, site, h_clean - shift(order[:k]), batch_size))
+        rand.append([_metric(model, prompts, site, h_clean - shift(rng.choice(pool, k, replace=False)), batch_size)
+                     for _ in range(random_sets)])
+        restore.append(_metric(model, prompts, site, h_corr + shift(order[:k]), batch_size))
+    return used, top, rand, restore
+
+
+def attribute_snapshot(model, crosscoder, s: int, name: str, step: int, prompts: TaskPrompts, site: Site,
+                       h_clean: torch.Tensor, h_corr: torch.Tensor, code_clean: torch.Tensor, code_corr: torch.Tensor,
+                       ig_steps: int, ks: list[int], random_sets: int, batch_size: int,
+                       rng: np.random.Generator) -> SnapshotAttribution:
+    """Attribution and causal check at snapshot s. h_* [N, T, D] raw hook outputs, code_* [N, T, F] its codes."""
+    model.requires_grad_(False)  # gradients are needed w.r.t. the hook output only
+    delta_code = code_clean - code_corr
+    alphas = [(j + 0.5) / ig_steps for j in range(ig_steps)]
+    grad_ig = mean_gradient(model, prompts, site, h_clean, h_corr, alphas, batch_size)
+    grad_atp = mean_gradient(model, prompts, site, h_clean, h_corr, [1.0], batch_size)
+    ig = feature_attribution(crosscoder, s, delta_code, grad_ig, batch_size)
+    atp = feature_attribution(crosscoder, s, delta_code, grad_atp, batch_size)
+    with torch.no_grad():
+        delta_error = (h_clean - decode_at(crosscoder, code_clean, s)) - (h_corr - decode_at(crosscoder, code_corr, s))
+        error_ig = float((delta_error * grad_ig).sum())
+    changed = (delta_code != 0).flatten(0, 1).any(0).cpu().numpy()
+    order = np.argsort(-ig, kind="stable")
+    used, top, rand, restore = causal_check(model, crosscoder, s, prompts, site, h_clean, h_corr, delta_code,
+                                            order, changed, ks, random_sets, rng, batch_size)
+    return SnapshotAttribution(
+        name=name, step=step, metric_clean=_metric(model, prompts, site, None, batch_size),
+        metric_corrupted=_metric(model, prompts, site, None, batch_size, ids=prompts.corrupted),
+        metric_baseline=_metric(model, prompts, site, h_corr, batch_size), ig=ig, atp=atp, error_ig=error_ig,
+        changed=changed, ks=used, break_top=top, break_random=rand, restore_top=restore)
+
+
+def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPrompts, Site, list[SnapshotAttribution]]:
+    """The task's prompts through every snapshot: activations first (the encoder reads all snapshots), then
+    attribution and the causal check at each analysed snapshot. cfg: the ``attribution`` config node."""
+    from hydra.utils import instantiate
+    task = instantiate(cfg.task)
+    site = model_site(run_files, cfg.repo, cfg.layer, cfg.hook)
+    names, steps = run_files.names, run_files.steps
+    analysed = list(cfg.snapshots) if cfg.snapshots else names
+    unknown = [n for n in analysed if n not in names]
+    if unknown:
+        raise ValueError(f"attribution.snapshots: {unknown} are not snapshots of the crosscoder {names}")
+    check_revisions(site.repo, names)
+    prompts = task.prompts(load_tokenizer(site.repo, names[-1]))
+    if prompts.clean.shape[1] <= site.drop_first:
+        raise ValueError(f"attribution: prompts of {prompts.clean.shape[1]} tokens leave nothing after the "
+                         f"{site.drop_first} dropped start position(s)")
+    crosscoder = run_files.model.to(device).eval().requires_grad_(False)
+    B = cfg.batch_size
+    acts_clean, acts_corr = [], []
+    for name in tqdm(names, desc=f"{task.name}: activations", unit="snapshot", dynamic_ncols=True):
+        model = load_snapshot(site.repo, name, device=device)
+        acts_clean.append(hook_activations(model, prompts.clean, site.layer, site.hook, B)[:, site.drop_first:])
+        acts_corr.append(hook_activations(model, prompts.corrupted, site.layer, site.hook, B)[:, site.drop_first:])
+        del model
+        gc.collect()
+    D = crosscoder.d_model
+    if acts_clean[0].shape[-1] != D:
+        raise ValueError(f"{site.repo}: the hook output has width {acts_clean[0].shape[-1]}, the crosscoder {D}")
+    clean = torch.stack(acts_clean, dim=2).to(device)  # [N, T, S, D]
+    corr = torch.stack(acts_corr, dim=2).to(device)
+    del acts_clean, acts_corr
+    shared = crosscoder.activation != "paper"  # one code for every snapshot: compute it once
+    codes = (snapshot_code(crosscoder, clean, 0), snapshot_code(crosscoder, corr, 0)) if shared else None
+    rng = np.random.default_rng(cfg.seed)
+    results = []
+    for name in tqdm(analysed, desc=f"{task.name}: attribution", unit="snapshot", dynamic_ncols=True):
+        s = names.index(name)
+        model = load_snapshot(site.repo, name, device=device)
+        code_clean, code_corr = codes if shared else (snapshot_code(crosscoder, clean, s),
+                                                      snapshot_code(crosscoder, corr, s))
+        results.append(attribute_snapshot(model, crosscoder, s, name, steps[s], prompts, site, clean[:, :, s],
+                                          corr[:, :, s], code_clean, code_corr, cfg.ig_steps, list(cfg.ks),
+                                          cfg.random_sets, B, rng))
+        del model
+        gc.collect()
+    return task, prompts, site, results
+
+
+# ---- what the analysis writes ----------------------------------------------------------------------------------
+def gap_closed(result: SnapshotAttribution, metric: float) -> float | None:
+    """Share of the way from the clean metric to the corrupted baseline that ``metric`` has moved (0: not at
+    all, 1: all the way); None where the two are too close to tell (the task is not learned there)."""
+    gap = result.metric_clean - result.metric_baseline
+    return None if abs(gap) < 1e-6 else (result.metric_clean - metric) / gap
+
+
+def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttribution], table: pd.DataFrame | None,
+              cfg: Any) -> dict:
+    """attribution.json: everything the figure, the report and TensorBoard show."""
+    snapshots = []
+    for r in results:
+        gap = r.metric_clean - r.metric_baseline
+        top = np.argsort(-r.ig, kind="stable")[:cfg.n_top]
+        rand = np.asarray(r.break_random)
+        rand_closed = [[gap_closed(r, m) for m in row] for row in r.break_random]
+        snapshots.append({
+            "name": r.name, "step": r.step, "metric_clean": r.metric_clean, "metric_corrupted": r.metric_corrupted,
+            "metric_baseline": r.metric_baseline, "gap": gap, "learned": bool(gap >= cfg.min_gap),
+            "sum_ig": float(r.ig.sum()), "error_ig": r.error_ig,
+            "completeness_error": float(r.ig.sum() + r.error_ig - gap),
+            "n_changed": int(r.changed.sum()),
+            "ks": r.ks,
+            "break_top": r.break_top, "break_random_mean": rand.mean(1).tolist(), "break_random_std": rand.std(1).tolist(),
+            "restore_top": r.restore_top,
+            "break_top_closed": [gap_closed(r, m) for m in r.break_top],
+            "break_random_closed_mean": [None if None in row else float(np.mean(row)) for row in rand_closed],
+            "restore_top_recovered": [None if (c := gap_closed(r, m)) is None else 1 - c for m in r.restore_top],
+            "top_features": [_feature_row(r, i, gap, table) for i in top],
+        })
+    learned = [s for s in snapshots if s["learned"]]
+    k = cfg.show_k
+    verdicts = []
+    for s in learned:
+        if k in s["ks"]:
+            j = s["ks"].index(k)
+            top_c, rand_c = s["break_top_closed"][j], s["break_random_closed_mean"][j]
+            verdicts.append(top_c >= 0.5 and rand_c is not None and rand_c < 0.5 * top_c)
+    return {
+        "task": task.name, "metric": task.metric, "task_config": dataclasses.asdict(task),
+        "n_prompts": int(len(prompts.clean)), "prompt_tokens": int(prompts.clean.shape[1]),
+        "examples": [dict(zip(("clean", "corrupted", "answer", "wrong"), e)) for e in prompts.examples],
+        "model": site._asdict(), "ig_steps": cfg.ig_steps, "random_sets": cfg.random_sets, "show_k": k,
+        "min_gap": cfg.min_gap, "snapshots": snapshots,
+        "causal_check": {"k": k, "learned_snapshots": len(learned), "passed": int(sum(verdicts)),
+                         "rule": "at a snapshot where the task is learned (clean - baseline >= min_gap), breaking the "
+                                 "top k features closes >= 50% of the gap and random sets close < half of what "
+                                 "the top k close"},
+    }
+
+
+def _feature_row(r: SnapshotAttribution, i: int, gap: float, table: pd.DataFrame | None) -> dict:
+    row = {"feature": int(i), "ig": float(r.ig[i]), "atp": float(r.atp[i]),
+           "share_of_gap": float(r.ig[i] / gap) if abs(gap) > 1e-6 else None}
+    if table is not None:
+        t = table.iloc[int(i)]
+        row.update(category=str(t.category), emergence_step=None if pd.isna(t.emergence_step) else int(t.emergence_step),
+                   peak_step=int(t.peak_step), norm_rel=float(t[f"norm_{r.name}"] / t.max_norm) if t.max_norm > 0 else 0.0)
+    return row
+
+
+def top_features_frame(summary: dict) -> pd.DataFrame:
+    """top_features.csv: one row per (snapshot, rank)."""
+    rows = [{"snapshot": s["name"], "step": s["step"], "rank": rank + 1, **f}
+            for s in summary["snapshots"] for rank, f in enumerate(s["top_features"])]
+    return pd.DataFrame(rows)
+
+
+def save(summary: dict, results: list[SnapshotAttribution], out: Path) -> None:
+    """attribution.json, top_features.csv and attribution.npz ([S, F] ig / atp, every feature) in ``out``."""
+    from analysis.summary import clean
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / RESULT_FILE, json.dumps(clean(summary), indent=1))
+    tmp = out / "top_features.csv.tmp"
+    top_features_frame(summary).to_csv(tmp, index=False)
+    tmp.replace(out / "top_features.csv")
+    tmp = out / "attribution.tmp.npz"
+    np.savez_compressed(tmp, names=np.array([r.name for r in results]), steps=np.array([r.step for r in results]),
+                        ig=np.stack([r.ig for r in results]), atp=np.stack([r.atp for r in results]))
+    tmp.replace(out / "attribution.npz")
+
+
+def load_results(analysis_dir: Path) -> list[dict]:
+    """Every attribution.json under <analysis>/attribution/<task>/, by task name."""
+    return [json.loads(p.read_text()) for p in sorted((analysis_dir / "attribution").glob(f"*/{RESULT_FILE}"))]
+
+
+def log_scalars(summary: dict, log_dir: Path) -> None:
+    """The per-snapshot numbers as TensorBoard scalars under attribution/<task>/, at the snapshot's training step."""
+    from torch.utils.tensorboard import SummaryWriter
+    k, task = summary["show_k"], summary["task"]
+    writer = SummaryWriter(str(log_dir))
+    try:
+        for s in summary["snapshots"]:
+            values = {"metric_clean": s["metric_clean"], "metric_corrupted": s["metric_corrupted"],
+                      "metric_baseline": s["metric_baseline"], "completeness_error": s["completeness_error"]}
+            if k in s["ks"]:
+                j = s["ks"].index(k)
+                values.update({f"break_top{k}": s["break_top"][j], f"break_random{k}": s["break_random_mean"][j],
+                               f"restore_top{k}": s["restore_top"][j]})
+            for name, v in values.items():
+                writer.add_scalar(f"attribution/{task}/{name}", v, s["step"])
+    finally:
+        writer.close()

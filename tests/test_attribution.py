@@ -1,0 +1,272 @@
+"""Attribution across snapshots: the tasks' prompts, the splice, attribution patching and integrated gradients
+against independent computations in float64, the causal check's patching, and analyze.py attribution=<task>."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from analysis.attribution import (Site, attribute_snapshot, causal_check, feature_attribution, mean_gradient,
+                                  model_site)
+from analysis.run_files import load_run
+from analysis.splice import decode_at, hook_activations, logits_with, snapshot_code
+from analysis.tasks import IOI, SVA, Induction, logit_diff
+from crosscoder.model import Crosscoder
+from data.format import read_manifest
+from data.snapshots import load_snapshot, load_tokenizer
+from tests.conftest import write_neox_suite
+
+REVISIONS = ["step0", "step1", "step2"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    return write_neox_suite(tmp_path_factory.mktemp("suite"), n_revisions=3)
+
+
+@pytest.fixture(scope="module")
+def dataset(suite, tmp_path_factory) -> Path:
+    """The suite's layer-1 residual stream cached through the real path (the manifest records repo and hook)."""
+    from data.cache import ensure_cached
+    from data.corpus import TextCorpus
+    model = OmegaConf.create(dict(name="t", repo=str(suite), revisions=REVISIONS, layer=1, hook="resid_post",
+                                  d_model=32, context_length=24, build=None))
+    cache = OmegaConf.create(dict(n_tokens=920, dtype="float32", drop_first=1, samples_per_shard=20,
+                                  chunk_tokens=920, batch_size=8, model_dtype="float32", device="cpu"))
+    return ensure_cached(model, cache, TextCorpus("stdlib", max_docs=30, cache_dir=str(suite / "hf")),
+                         tmp_path_factory.mktemp("cache"))
+
+
+def make_crosscoder(activation: str, manifest, F: int = 48, seed: int = 0) -> Crosscoder:
+    torch.manual_seed(seed)
+    cc = Crosscoder(3, 32, F, activation=activation, k=6, snapshot_names=REVISIONS, jumprelu_init_threshold=0.05,
+                    jumprelu_bandwidth=2.0, dec_init_norm=0.3)
+    with torch.no_grad():
+        cc.scale.copy_(torch.tensor([32 ** 0.5 / manifest.stats[n].mean_norm for n in REVISIONS]))
+        cc.W_dec.mul_(torch.rand(F, 3, 1) + 0.5)  # snapshots with different decoders (and gates, for "paper")
+        cc.b_enc.fill_(0.05)
+    return cc.eval().requires_grad_(False)
+
+
+def write_run(folder: Path, cc: Crosscoder, dataset: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cc.save(folder)
+    OmegaConf.save(OmegaConf.create({"data": {"path": str(dataset), "val_shards": 1}}), folder / "config.yaml")
+    return folder
+
+
+class Spliced:
+    """Everything at one snapshot, in float64: prompts, hook outputs and codes of clean and corrupted runs."""
+
+    def __init__(self, suite: Path, dataset: Path, activation: str, s: int = 2, n_prompts: int = 6):
+        manifest = read_manifest(dataset)
+        self.site = Site(str(suite), 1, "resid_post", 1)
+        self.prompts = Induction(n_prompts=n_prompts, seq_len=5).prompts(load_tokenizer(str(suite), "step0"))
+        models = [load_snapshot(str(suite), r, dtype=torch.float64) for r in REVISIONS]
+        acts = {k: torch.stack([hook_activations(m, ids, 1, "resid_post", 4)[:, 1:] for m in models], dim=2)
+                for k, ids in (("clean", self.prompts.clean), ("corr", self.prompts.corrupted))}
+        self.cc = make_crosscoder(activation, manifest).double()
+        self.s, self.model = s, models[s].requires_grad_(False)
+        self.h_clean, self.h_corr = acts["clean"][:, :, s], acts["corr"][:, :, s]
+        self.f_clean, self.f_corr = snapshot_code(self.cc, acts["clean"], s), snapshot_code(self.cc, acts["corr"], s)
+
+    def metric(self, h: torch.Tensor) -> torch.Tensor:
+        site = self.site
+        return logit_diff(logits_with(self.model, self.prompts.clean, site.layer, site.hook, site.drop_first, h),
+                          self.prompts).mean()
+
+
+# ---- tasks -------------------------------------------------------------------------------------------------------
+def test_logit_diff_reads_each_prompts_answer_position():
+    from analysis.tasks import TaskPrompts
+    logits = torch.randn(3, 5, 7)
+    p = TaskPrompts(torch.zeros(3, 5), torch.zeros(3, 5), torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]),
+                    torch.tensor([4, 2, 0]), [])
+    want = [logits[0, 4, 1] - logits[0, 4, 4], logits[1, 2, 2] - logits[1, 2, 5], logits[2, 0, 3] - logits[2, 0, 6]]
+    torch.testing.assert_close(logit_diff(logits, p), torch.stack(want))
+    torch.testing.assert_close(logit_diff(logits[1:], p, slice(1, None)), torch.stack(want[1:]))
+
+
+def test_induction_prompts_repeat_and_differ_in_one_token(suite):
+    tok = load_tokenizer(str(suite), "step0")
+    L = 7
+    p = Induction(n_prompts=20, seq_len=L, seed=3).prompts(tok)
+    assert p.clean.shape == p.corrupted.shape == (20, 2 * L)
+    assert (p.clean[:, 0] == tok.eos_token_id).all() and (p.position == 2 * L - 1).all()
+    first, second = p.clean[:, 1:L + 1], p.clean[:, L + 1:]
+    assert torch.equal(second, first[:, :-1])  # the second copy repeats the first up to its last token
+    differ = (p.clean != p.corrupted).nonzero()
+    assert differ[:, 0].tolist() == list(range(20)) and (differ[:, 1] == L).all()  # only the first copy's last token
+    assert torch.equal(p.answer, p.clean[:, L]) and torch.equal(p.wrong, p.corrupted[:, L])
+    assert all(len(set(row.tolist())) == L for row in first)  # distinct tokens: one right continuation
+    assert not set(p.clean[:, 1:].flatten().tolist()) & set(tok.all_special_ids)
+    assert "\ufffd" not in "".join(tok.decode(t) for t in p.clean[:, 1:].flatten())
+    again = Induction(n_prompts=20, seq_len=L, seed=3).prompts(tok)
+    assert torch.equal(again.clean, p.clean)
+
+
+@pytest.fixture(scope="module")
+def english_tokenizer():
+    """A byte-level BPE trained on sentences built from the tasks' own word lists, so names, nouns and verbs
+    are single tokens as they are for Pythia."""
+    from analysis import tasks
+    from data.tiny_suite import train_tokenizer
+    words = (tasks.NAMES + tasks.PLACES + tasks.OBJECTS + tasks.ATTRACTORS + [w for pair in tasks.NOUNS for w in pair]
+             + [v.strip() for pair in tasks.VERBS for v in pair])
+    text = [" ".join(words) + ". " + t for t in tasks.IOI_TEMPLATES + tasks.SVA_TEMPLATES] * 30
+    return train_tokenizer(text, vocab_size=600)
+
+
+@pytest.mark.parametrize("task_cls", [IOI, SVA])
+def test_template_tasks_flip_one_token_and_balance_answers(english_tokenizer, task_cls):
+    tok = english_tokenizer
+    p = task_cls(n_prompts=40, seed=1).prompts(tok)
+    assert len(p.clean) >= 30  # prompts whose pair tokenises to different lengths are dropped, not many
+    differ = p.clean != p.corrupted
+    assert (differ.sum(1) == 1).all()  # the repeated name / the subject's number, nothing else
+    assert (p.answer != p.wrong).all()
+    answers = [tok.decode([a]) for a in p.answer]
+    if task_cls is IOI:
+        for i in range(len(p.clean)):  # the answer is the name that the clean prompt does not repeat
+            text = tok.decode(p.clean[i, 1:p.position[i] + 1])
+            assert text.count(answers[i].strip()) == 1 and text.count(tok.decode([p.wrong[i]]).strip()) == 2
+    else:
+        assert set(answers) <= {" is", " are", " was", " were", " has", " have"}
+        singular_first = sum(a in (" is", " was", " has") for a in answers)
+        assert 0.25 < singular_first / len(answers) < 0.75
+    for i in range(len(p.clean)):  # right padding sits after the answer position only
+        assert (p.clean[i, p.position[i] + 1:] == tok.eos_token_id).all()
+
+
+def test_english_tasks_refuse_a_code_tokenizer(suite):
+    tok = load_tokenizer(str(suite), "step0")  # 400 BPE tokens trained on Python code
+    with pytest.raises(ValueError, match="'ioi'.*single tokens.*English model"):
+        IOI().prompts(tok)
+    with pytest.raises(ValueError, match="'sva'.*English model"):
+        SVA().prompts(tok)
+
+
+# ---- the splice and the attributions ------------------------------------------------------------------------------
+@pytest.mark.parametrize("hook", ["resid_post", "mlp_out", "attn_out"])
+def test_replacing_the_hook_output_by_itself_changes_nothing(suite, hook):
+    model = load_snapshot(str(suite), "step1")
+    ids = Induction(n_prompts=3, seq_len=6).prompts(load_tokenizer(str(suite), "step1")).clean
+    own = hook_activations(model, ids, 1, hook, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_with(model, ids, 1, hook, 2, own[:, 2:]), model(input_ids=ids).logits)
+        moved = logits_with(model, ids, 1, hook, 2, own[:, 2:] + 1.0)
+    assert not torch.allclose(moved, model(input_ids=ids).logits)  # the hook does reach the output
+
+
+@pytest.mark.parametrize("activation", ["relu", "paper"])
+def test_attributions_match_independent_float64_computations(suite, dataset, activation):
+    t = Spliced(suite, dataset, activation)
+    if activation == "paper":  # per-snapshot codes: the gates differ between snapshots
+        other = snapshot_code(t.cc, torch.stack([t.h_clean] * 3, dim=2), 0)
+        assert not torch.equal((other > 0), (snapshot_code(t.cc, torch.stack([t.h_clean] * 3, dim=2), 2) > 0))
+    delta = t.f_clean - t.f_corr
+    assert delta.abs().sum() > 0
+
+    # attribution patching is the first-order change of the metric: patch a set of features by a small step
+    grad = mean_gradient(t.model, t.prompts, t.site, t.h_clean, t.h_corr, [1.0], batch_size=4)
+    atp = feature_attribution(t.cc, t.s, delta, grad, batch_size=4)
+    top = np.argsort(-np.abs(atp))[:5]
+    eps = 1e-5
+    step = eps * delta[..., top] @ (t.cc.W_dec[top, t.s] / t.cc.scale[t.s])
+    fd = (t.metric(t.h_clean + step) - t.metric(t.h_clean - step)).item() / (2 * eps)
+    assert fd == pytest.approx(atp[top].sum(), rel=1e-6)
+    assert np.abs(atp).max() > 0
+
+    # integrated gradients per feature, computed through the spliced model with the code itself as the leaf
+    steps = 8
+    ig = feature_attribution(t.cc, t.s, delta, mean_gradient(t.model, t.prompts, t.site, t.h_clean, t.h_corr,
+                                                             [(j + 0.5) / steps for j in range(steps)], 4), 4)
+    e_clean, e_corr = t.h_clean - decode_at(t.cc, t.f_clean, t.s), t.h_corr - decode_at(t.cc, t.f_corr, t.s)
+    want = torch.zeros(t.cc.d_sae, dtype=torch.float64)
+    for j in range(steps):
+        a = (j + 0.5) / steps
+        f = (t.f_corr + a * delta).requires_grad_(True)
+        m = t.metric(decode_at(t.cc, f, t.s) + e_corr + a * (e_clean - e_corr))
+        want += (delta * torch.autograd.grad(m, f)[0]).sum((0, 1)) / steps
+    np.testing.assert_allclose(ig, want.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_integrated_gradients_are_complete_and_patching_is_exact(suite, dataset):
+    t = Spliced(suite, dataset, "relu")
+    rng = np.random.default_rng(0)
+    r = attribute_snapshot(t.model, t.cc, t.s, "step2", 2, t.prompts, t.site, t.h_clean, t.h_corr, t.f_clean,
+                           t.f_corr, ig_steps=32, ks=[1, 3, 1000], random_sets=2, batch_size=4, rng=rng)
+    gap = r.metric_clean - r.metric_baseline
+    assert r.metric_clean == pytest.approx(t.metric(t.h_clean).item(), abs=1e-12)
+    assert r.metric_baseline == pytest.approx(r.metric_corrupted, abs=1e-9)  # resid_post carries everything
+    assert abs(gap) > 1e-3
+    assert r.ig.sum() + r.error_ig == pytest.approx(gap, rel=1e-4)  # completeness
+    n_changed = int(r.changed.sum())
+    assert r.ks == [1, 3, n_changed] and len(r.break_random[0]) == 2  # k capped at the changed features
+
+    # breaking every changed feature is the clean run with the corrupted code and the clean error term
+    e_clean, e_corr = t.h_clean - decode_at(t.cc, t.f_clean, t.s), t.h_corr - decode_at(t.cc, t.f_corr, t.s)
+    changed = np.flatnonzero(r.changed)
+    _, top, rand, restore = causal_check(t.model, t.cc, t.s, t.prompts, t.site, t.h_clean, t.h_corr,
+                                         t.f_clean - t.f_corr, changed, r.changed, [len(changed)], 1, rng, 4)
+    assert top[0] == pytest.approx(t.metric(decode_at(t.cc, t.f_corr, t.s) + e_clean).item(), rel=1e-9)
+    assert rand[0][0] == pytest.approx(top[0], rel=1e-9)  # all changed features, in another order
+    assert restore[0] == pytest.approx(t.metric(decode_at(t.cc, t.f_clean, t.s) + e_corr).item(), rel=1e-9)
+
+
+# ---- analyze.py attribution=<task> ----------------------------------------------------------------------------------
+def test_analyze_attribution_end_to_end(suite, dataset, tmp_path):
+    from analyze import analyze_run
+    from tests.test_analysis import compose_analyze
+    run = write_run(tmp_path / "run", make_crosscoder("relu", read_manifest(dataset)), dataset)
+    assert model_site(load_run(run)) == Site(str(suite), 1, "resid_post", 1)  # read from the dataset manifest
+    small = ["attribution.task.n_prompts=8", "attribution.task.seq_len=5", "attribution.ks=[1,4]",
+             "attribution.show_k=4", "attribution.ig_steps=4", "attribution.random_sets=3", "attribution.n_top=5",
+             "max_tokens=400", "n_browser_features=2"]
+    out = analyze_run(compose_analyze([f"run={run}", "attribution=induction", *small]))
+    folder = out / "attribution" / "induction"
+    result = json.loads((folder / "attribution.json").read_text())
+    assert [s["name"] for s in result["snapshots"]] == REVISIONS and result["task"] == "induction"
+    for s in result["snapshots"]:
+        assert s["ks"] == [1, 4] and len(s["top_features"]) == 5
+        # 4 steps in float32: quadrature error (the float64 test above checks completeness tightly)
+        assert abs(s["completeness_error"]) <= 0.05 * abs(s["gap"]) + 1e-5
+        assert s["top_features"][0]["ig"] >= s["top_features"][-1]["ig"]
+        assert s["learned"] == (s["gap"] >= 0.5)
+    npz = np.load(folder / "attribution.npz")
+    assert npz["ig"].shape == npz["atp"].shape == (3, 48)
+    np.testing.assert_allclose(npz["ig"].sum(1), [s["sum_ig"] for s in result["snapshots"]], rtol=1e-9)
+    import pandas as pd
+    top = pd.read_csv(folder / "top_features.csv")
+    assert len(top) == 15 and list(top.columns[:4]) == ["snapshot", "step", "rank", "feature"]
+    assert {"category", "emergence_step", "norm_rel"} <= set(top.columns)  # joined with the feature table
+    assert (folder / "fig7_attribution.png").stat().st_size > 20_000
+    page = (out / "report.html").read_text()
+    assert "Attribution: induction" in page and "fig7_attribution" in page
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    clean = events.Scalars("attribution/induction/metric_clean")
+    assert [e.step for e in clean] == [0, 1, 2]
+    assert [e.value for e in clean] == pytest.approx([s["metric_clean"] for s in result["snapshots"]], rel=1e-6)
+    assert "attribution/induction/break_random4" in events.Tags()["scalars"]
+
+    # a second task's failure names the task; an unknown snapshot names the key
+    with pytest.raises(ValueError, match="'ioi'"):
+        analyze_run(compose_analyze([f"run={run}", "attribution=ioi", "max_tokens=400", "n_browser_features=0"]))
+    with pytest.raises(ValueError, match=r"attribution.snapshots: \['step9'\]"):
+        analyze_run(compose_analyze([f"run={run}", "attribution=induction", "attribution.snapshots=[step9]",
+                                     "max_tokens=400", "n_browser_features=0"]))
+
+
+def test_attribution_needs_the_snapshot_models(dataset, tmp_path):
+    from analysis.attribution import model_site
+    run = tmp_path / "run"
+    run.mkdir()
+    make_crosscoder("relu", read_manifest(dataset)).save(run)  # no config.yaml: no dataset, no model record
+    with pytest.raises(ValueError, match="attribution.repo="):
+        model_site(load_run(run))
