@@ -29,8 +29,9 @@ WEIGHTS_NAME = "crosscoder.safetensors"
 class CrosscoderOutput(NamedTuple):
     latents: torch.Tensor  # [B, F] feature activations f (after the activation function)
     recon: torch.Tensor  # [B, S, D] reconstruction a_hat, in normalised units
-    pre_acts: torch.Tensor | None  # [B, F] encoder pre-activations; None on the sparse TopK path
+    pre_acts: torch.Tensor  # [B, F] encoder pre-activations (without gradient on the sparse paths)
     snapshot_latents: torch.Tensor | None = None  # [B, S, F] per-snapshot codes ("paper" activation only)
+    active: sparse.Active | None = None  # the code's active entries when the sparse path ran (crosscoder/sparse.py)
 
 
 class LossTerms(NamedTuple):
@@ -90,7 +91,7 @@ class Crosscoder(nn.Module):
     def __init__(self, n_snapshots: int, d_model: int, d_sae: int, activation: str = "relu",
                  k: int = 32, dec_init_norm: float = 0.1, jumprelu_init_threshold: float = 0.001,
                  jumprelu_bandwidth: float = 0.001, snapshot_names: list[str] | None = None,
-                 sparse_topk: bool | None = None, tanh_c: float = 4.0, tanh_s: float = 0.01):
+                 sparse: bool | None = None, tanh_c: float = 4.0, tanh_s: float = 0.01):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"crosscoder.activation: '{activation}' is not one of {ACTIVATIONS}")
@@ -100,7 +101,7 @@ class Crosscoder(nn.Module):
         self.n_snapshots, self.d_model, self.d_sae = S, D, F
         self.activation, self.k = activation, k
         self.jumprelu_bandwidth = jumprelu_bandwidth
-        self.sparse_topk = sparse_topk  # None: automatic (see use_sparse_topk)
+        self.sparse = sparse  # None: automatic (see use_sparse)
         self.tanh_c, self.tanh_s = tanh_c, tanh_s  # "paper": the tanh-quad penalty's c and s
         self.snapshot_names = list(snapshot_names) if snapshot_names else [f"snapshot{i}" for i in range(S)]
         if len(self.snapshot_names) != S:
@@ -165,12 +166,11 @@ class Crosscoder(nn.Module):
             return kept.view_as(post)
         return post * (score > self.batchtopk_threshold.clamp(min=0)).to(post.dtype)
 
-    def use_sparse_topk(self) -> bool:
-        """The active-latents-only path (crosscoder/sparse.py) for TopK when gradients are needed and it wins;
-        ``sparse_topk`` = True / False forces it on / off."""
-        if self.activation != "topk" or self.sparse_topk is False:
-            return False
-        return self.sparse_topk is True or (torch.is_grad_enabled() and sparse.sparse_wins(self.d_sae, self.k))
+    def use_sparse(self, active_per_token: float) -> bool:
+        """Whether to take the active-latents-only path (crosscoder/sparse.py) for a code with this many active
+        latents per token: where it wins, or as ``sparse`` = True / False forces. topk, relu and jumprelu have
+        one; batchtopk and paper stay dense."""
+        return sparse.sparse_wins(self.d_sae, active_per_token) if self.sparse is None else self.sparse
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, F] -> reconstruction [B, S, D]."""
@@ -181,11 +181,21 @@ class Crosscoder(nn.Module):
         """x: [B, S, D] normalised activations."""
         if self.activation == "paper":
             return self._forward_paper(x)
-        if self.use_sparse_topk():
-            values, idx, recon = sparse.topk_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
-            latents = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device).scatter(-1, idx, values)
-            return CrosscoderOutput(latents=latents, recon=recon, pre_acts=None)
+        B = x.shape[0]
+        if self.activation == "topk" and self.use_sparse(self.k):
+            active, recon, pre = sparse.topk_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+            return CrosscoderOutput(latents=active.dense(B, self.d_sae), recon=recon, pre_acts=pre, active=active)
         pre = self.encode_pre(x)
+        if self.activation in ("relu", "jumprelu") and self.sparse is not False:
+            # The pre-activations are dense either way; this batch's own density decides the rest of the step.
+            threshold = self.log_threshold.exp() if self.activation == "jumprelu" else None
+            with torch.no_grad():
+                keep = sparse.keep_mask(pre, threshold, self.jumprelu_bandwidth)
+            if self.use_sparse(keep.sum().item() / B):
+                active, recon = sparse.threshold_forward(x, pre, keep, self.W_enc, self.b_enc, self.W_dec,
+                                                         self.b_dec, threshold, self.jumprelu_bandwidth)
+                return CrosscoderOutput(latents=active.dense(B, self.d_sae), recon=recon, pre_acts=pre.detach(),
+                                        active=active)
         latents = self.activate(pre)
         return CrosscoderOutput(latents=latents, recon=self.decode(latents), pre_acts=pre)
 
@@ -204,6 +214,14 @@ class Crosscoder(nn.Module):
     def loss_terms(self, x: torch.Tensor, out: CrosscoderOutput) -> LossTerms:
         mse = (out.recon - x).pow(2).sum(dim=(1, 2)).mean()
         dec_norm_sum = self.decoder_norms().sum(-1)  # [F]
+        if out.active is not None:  # the sparse paths: the same sums over the active entries only
+            a, B = out.active, x.shape[0]
+            if self.activation == "jumprelu":  # the gates of those entries; the rest are closed, outside the window
+                weight = _step_ste(out.pre_acts[a.rows, a.cols], self.log_threshold.exp()[a.cols], self.jumprelu_bandwidth)
+            else:
+                weight = a.values
+            return LossTerms(mse=mse, sparsity=(weight * dec_norm_sum[a.cols]).sum() / B,
+                             l0=(a.values > 0).sum().to(x.dtype) / B)
         active = (out.latents > 0).to(x.dtype)
         if self.activation == "paper":
             # "tanh-quad": p_i = mean over tokens and snapshots of tanh(c * f_i^s * ||W_dec[i, s]||);

@@ -43,7 +43,7 @@ class CrosscoderModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  lr_warmup_steps: int | float = 0.01, lr_decay_start: float = 0.8, lr_final_factor: float = 0.0,
                  dead_window_tokens: int = 1_000_000, tanh_c: float = 4.0, tanh_s: float = 0.01,
-                 threshold_lr_factor: float = 1.0, snapshot_names: list[str] | None = None,
+                 threshold_lr_factor: float = 1.0, sparse: bool | None = None, snapshot_names: list[str] | None = None,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
         """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float < 1).
@@ -73,7 +73,7 @@ class CrosscoderModule(L.LightningModule):
             cc = Crosscoder(n_snapshots, d_model, f, activation=activation, k=k, dec_init_norm=dec_init_norm,
                             jumprelu_init_threshold=jumprelu_init_threshold,
                             jumprelu_bandwidth=jumprelu_bandwidth, snapshot_names=snapshot_names,
-                            tanh_c=tanh_c, tanh_s=tanh_s)
+                            tanh_c=tanh_c, tanh_s=tanh_s, sparse=sparse)
             if norm_scale is not None:
                 cc.scale.copy_(torch.as_tensor(norm_scale, dtype=torch.float32))
             if data_mean is not None:
