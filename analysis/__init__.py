@@ -9,5 +9,9 @@ The pipeline, one module each:
     browser      top contexts of chosen features, decoded with the suite's tokenizer
     report       one self-contained report.html (figures embedded, readable offline)
     sweep        a multirun folder -> EV vs L0 frontier, crosscoders against single-snapshot SAEs
+    tasks        prompt pairs and logit-difference metrics for attribution (induction, ioi, sva)
+    splice       the crosscoder written into a snapshot model at its hook (reconstruction + error term)
+    attribution  a task's metric attributed to features at every snapshot, and the causal check
+    attribution_figure  figure 7: the metric over snapshots beside the features that carry it
 analyze.py composes them.
 """

@@ -240,7 +240,7 @@ def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttr
     for r in results:
         gap = r.metric_clean - r.metric_baseline
         top = np.argsort(-r.ig, kind="stable")[:cfg.n_top]
-        rand = np.asarray(r.break_random)
+        rand = np.asarray(r.break_random, dtype=np.float64).reshape(len(r.ks), cfg.random_sets)
         rand_closed = [[gap_closed(r, m) for m in row] for row in r.break_random]
         snapshots.append({
             "name": r.name, "step": r.step, "metric_clean": r.metric_clean, "metric_corrupted": r.metric_corrupted,

@@ -270,3 +270,29 @@ def test_attribution_needs_the_snapshot_models(dataset, tmp_path):
     make_crosscoder("relu", read_manifest(dataset)).save(run)  # no config.yaml: no dataset, no model record
     with pytest.raises(ValueError, match="attribution.repo="):
         model_site(load_run(run))
+
+
+def test_summary_gap_fractions_and_verdict_by_hand():
+    from types import SimpleNamespace
+
+    from analysis.attribution import SnapshotAttribution, summarise
+    cfg = SimpleNamespace(n_top=2, min_gap=0.5, show_k=1, random_sets=2, ig_steps=4)
+    learned = SnapshotAttribution(
+        name="step8", step=8, metric_clean=2.0, metric_corrupted=-0.5, metric_baseline=0.0,
+        ig=np.array([0.2, 1.2, -0.1]), atp=np.array([0.1, 1.0, 0.0]), error_ig=0.7, changed=np.array([1, 1, 0], bool),
+        ks=[1], break_top=[1.0], break_random=[[1.8, 2.0]], restore_top=[1.5])
+    nothing = SnapshotAttribution(  # a crosscoder whose code the corruption does not change: no k is usable
+        name="step0", step=0, metric_clean=0.1, metric_corrupted=0.1, metric_baseline=0.1, ig=np.zeros(3),
+        atp=np.zeros(3), error_ig=0.0, changed=np.zeros(3, bool), ks=[], break_top=[], break_random=[], restore_top=[])
+    task = Induction(n_prompts=1, seq_len=2)
+    prompts = SimpleNamespace(clean=torch.zeros(1, 4), examples=[])
+    out = summarise(task, prompts, Site("repo", 1, "resid_post", 1), [nothing, learned], None, cfg)
+    s0, s1 = out["snapshots"]
+    assert not s0["learned"] and s0["ks"] == [] and s0["break_random_mean"] == []
+    assert s1["learned"] and s1["gap"] == 2.0
+    assert s1["break_top_closed"] == [0.5] and s1["break_random_closed_mean"] == [pytest.approx(0.05)]
+    assert s1["restore_top_recovered"] == [0.75]
+    assert s1["break_random_mean"] == [pytest.approx(1.9)] and s1["break_random_std"] == [pytest.approx(0.1)]
+    assert s1["completeness_error"] == pytest.approx(1.3 + 0.7 - 2.0)
+    assert [f["feature"] for f in s1["top_features"]] == [1, 0] and s1["top_features"][0]["share_of_gap"] == 0.6
+    assert out["causal_check"] == {**out["causal_check"], "learned_snapshots": 1, "passed": 1}

@@ -102,3 +102,12 @@ def test_paper_preset_trains(toy_dataset, tmp_path):
     assert metrics["val/explained_variance"] > 0.85 and 0 < metrics["val/l0"] < 24
     loaded = Crosscoder.load(tmp_path / "run")
     assert loaded.activation == "paper" and loaded.log_threshold.shape == (48,)
+
+
+def test_paper_tiny_applies_the_recipe_to_the_offline_suite(tmp_path):
+    cfg = compose_train(["experiment=paper_tiny"], tmp_path)
+    assert cfg.model.name == "tiny" and cfg.model.build is not None  # built offline, no hub access
+    cc = cfg.crosscoder
+    assert (cc.activation, cc.jumprelu_init_threshold, cc.l1_coef, cc.tanh_c, cc.tanh_s) == ("paper", 0.1, 0.3, 4.0, 0.01)
+    assert (cc.l1_warmup_steps, cc.lr_decay_start, cc.lr_final_factor) == (0.1, 0.8, 1 / 32)
+    assert cc.d_sae == 1024 and cfg.trainer.max_steps == 1500
