@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from data.format import (DTYPES, FORMAT_VERSION, SHARD_NAME, FormatError, Manifest, RunningStats, ShardEntry,
-                         ShardWriter, Snapshot, from_storage, read_manifest, sha256_file, to_storage,
+                         ShardWriter, Snapshot, read_manifest, sha256_file, storage_dtype, to_storage,
                          write_atomic, write_manifest)
 from data.snapshots import (activations, check_revisions, hook_point_name, load_snapshot, load_tokenizer,
                             revision_step)
@@ -100,6 +100,15 @@ class ActivationCache:
 
     # ---- the work ----------------------------------------------------------------------------------
     def run(self) -> Manifest:
+        # gc.collect() after each snapshot frees the model's reference cycles; with the objects that exist before
+        # the first model frozen it skips the long-lived ones (datasets, transformers): 0.29 s a call before.
+        gc.freeze()
+        try:
+            return self._run()
+        finally:
+            gc.unfreeze()
+
+    def _run(self) -> Manifest:
         self.folder.mkdir(parents=True, exist_ok=True)
         progress = self._load_progress()
         tokenizer = load_tokenizer(self.repo, self.revisions[0])
@@ -120,9 +129,8 @@ class ActivationCache:
                 break
             ids = torch.from_numpy(np.stack([w.tokens for w in chunk])).long()
             buffer_path = self.folder / f"chunk-{first_shard:06d}.buffer"
-            storage = np.uint16 if self.cfg.dtype == "bfloat16" else np.dtype(self.cfg.dtype)
             buffer = np.lib.format.open_memmap(buffer_path, mode="r+" if buffer_path.exists() else "w+",
-                                               dtype=storage, shape=(len(chunk), self.T, S, D))
+                                               dtype=storage_dtype(self.cfg.dtype), shape=(len(chunk), self.T, S, D))
             for s, revision in enumerate(self.revisions):
                 if revision in progress["chunk_snapshots_done"]:
                     bar.update(len(chunk) * self.T)
@@ -163,7 +171,7 @@ class ActivationCache:
                              self.T, self.cfg.dtype)
         for j in range(k * self.sps, min((k + 1) * self.sps, len(chunk))):
             w = chunk[j]
-            writer.write(from_storage(np.asarray(buffer[j]), self.cfg.dtype), w.tokens[self.cfg.drop_first:],
+            writer.write(np.asarray(buffer[j]), w.tokens[self.cfg.drop_first:],  # stored values, written as they are
                          doc=w.doc, start=w.start + self.cfg.drop_first)
         return writer.close()
 

@@ -11,6 +11,7 @@ The offline default (``source: stdlib``) is the Python standard library of the r
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections import deque
 from pathlib import Path
@@ -32,7 +33,11 @@ def stdlib_files(split: str) -> list[Path]:
         raise ValueError(f"corpus.split: '{split}' is not one of ('train', 'validation', 'all')")
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idle_test"}
-    files = sorted(p for p in root.rglob("*.py") if p.is_file() and not skip & set(p.relative_to(root).parts))
+    found = []
+    for folder, subfolders, names in os.walk(root):  # not into skipped folders at all (rglob walked them: ~1 s)
+        subfolders[:] = [d for d in subfolders if d not in skip]
+        found += [Path(folder) / n for n in names if n.endswith(".py")]
+    files = sorted(p for p in found if p.is_file())
     if split == "all":
         return files
     held_out = lambda p: int(hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest(), 16) % 20 == 0
