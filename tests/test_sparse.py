@@ -104,3 +104,10 @@ def test_sparse_path_switches_on_automatically_only_where_it_wins():
     assert Crosscoder(2, 8, 1024, activation="topk", k=32, sparse=False)(torch.randn(4, 2, 8)).active is None
     assert Crosscoder(2, 8, 1024, activation="relu", sparse=True)(torch.randn(4, 2, 8)).active is not None
     assert Crosscoder(2, 8, 1024, activation="batchtopk", k=32, sparse=True)(torch.randn(4, 2, 8)).active is None
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_sparse_path_with_nothing_open_in_the_whole_batch(activation):
+    dense, fast = pair(activation, 2, 8, 128, bias=-50.0)
+    od, of = run_both(dense, fast, torch.randn(16, 2, 8))
+    assert len(of.active.values) == 0 and (od.latents == 0).all()
