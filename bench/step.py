@@ -1,12 +1,17 @@
 """Training-step throughput of the crosscoder against this machine's matmul roofline and a plain reference.
 
     python bench/step.py [--quick]
+    python bench/step.py --crossover [--shape S D F]   # where the sparse relu step stops winning
 
 For each shape (S, D, F) at batch B it measures, in one run:
 - the dense matmul rate of this machine for the step's own GEMM shapes (fp32 and bf16), the roofline;
 - a plain reference step as other libraries write it (per-snapshot einsums for encoder and decoder);
 - our step (Crosscoder forward + loss_terms + backward + Adam) for relu / jumprelu / topk, fp32 and bf16
-  autocast (fp32 master weights).
+  autocast (fp32 master weights);
+- the sparse paths (crosscoder/sparse.py) against the dense path they replace, side by side: TopK k=32 against
+  the same step forced dense; relu / jumprelu with b_enc shifted so that L0 = 48 latents are open per token (a
+  trained dictionary's L0) against the relu / jumprelu rows above, which take the dense path (at init about
+  half of the latents are open; the dense step costs the same at any L0).
 FLOPs per step = 10 * B * S * D * F: forward encoder and decoder (2 + 2), encoder weight gradient (2),
 decoder input and weight gradients (2 + 2); the input needs no gradient. Writes bench/results/step.json.
 """
@@ -65,10 +70,17 @@ def reference_step(S: int, D: int, F: int, B: int):
     return step
 
 
-def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse_topk: bool | None = None):
-    model = Crosscoder(S, D, F, activation=activation, k=32, sparse_topk=sparse_topk)
+def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse: bool | None = None,
+             l0: int | None = None):
+    """One training step of Crosscoder; ``sparse`` as the model's switch; ``l0``: shift b_enc so that about
+    this many latents are open per token (relu / jumprelu; at init about half of them are)."""
+    model = Crosscoder(S, D, F, activation=activation, k=32, sparse=sparse)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as CrosscoderModule configures it
     x = torch.randn(B, S, D)
+    if l0 is not None:
+        with torch.no_grad():  # the (1 - l0 / F) quantile of the pre-activations, from 64 tokens
+            pre = model.encode_pre(x[:64]).flatten()
+            model.b_enc.fill_(-pre.kthvalue(int(len(pre) * (1 - l0 / F))).values.item())
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -110,14 +122,42 @@ def ev_after_training(bf16: bool, steps: int = 150) -> float:
     return float(ev.overall())
 
 
+def crossover(S: int, D: int, F: int, B: int = 1024, repeats: int = 2) -> None:
+    """The relu step, dense and sparse (forced) at several L0, interleaved so that they share the machine's load;
+    the fastest of ``repeats`` steps each. Sets crosscoder.sparse.MAX_DENSITY. Writes bench/results/step_crossover.json."""
+    steps = {"dense": our_step(S, D, F, B, "relu", False, sparse=False, l0=F // 16)}
+    for l0 in (48, F // 32, F // 16, F // 8):
+        steps[f"L0={l0}"] = our_step(S, D, F, B, "relu", False, sparse=True, l0=l0)
+    best = {}
+    for name, step in steps.items():
+        step()  # warm-up
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    rows = [dict(variant=f"relu sparse {name}" if name != "dense" else "relu dense path", seconds=t,
+                 speedup_vs_dense=best["dense"] / t) for name, t in best.items()]
+    for r in rows:
+        print(f"S={S} D={D} F={F} B={B}  {r['variant']:24}{r['seconds']:8.2f} s{r['speedup_vs_dense']:7.2f}x")
+    out = ROOT / "bench" / "results" / "step_crossover.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"shape": dict(S=S, D=D, F=F, B=B), "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape only, one repeat (a smoke test)")
+    parser.add_argument("--crossover", action="store_true", help="sparse vs dense relu step at several L0")
+    parser.add_argument("--shape", type=int, nargs=3, default=(8, 768, 16384), metavar=("S", "D", "F"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.crossover:
+        return crossover(*args.shape)
     shapes = [(8, 128, 4096)] if args.quick else [(8, 128, 4096), (8, 768, 16384)]
     B = 256 if args.quick else 1024
     rows = []
+    L0 = 48
     for S, D, F in shapes:
         big = D * F > 1e7
         repeats = 1 if args.quick else (2 if big else 5)
@@ -134,24 +174,35 @@ def main() -> None:
                 rows.append(dict(shape=f"S={S} D={D} F={F}", variant=activation, precision=precision,
                                  tokens_per_s=B / t, gflops=flops / t / 1e9,
                                  roofline_frac=flops / t / 1e9 / roof["float32"], speedup_vs_reference=ref / t))
-        t = timed(our_step(S, D, F, B, "topk", False, sparse_topk=False), repeats)  # the dense path it replaces
-        rows.append(dict(shape=f"S={S} D={D} F={F}", variant="topk, dense path", precision="float32",
-                         tokens_per_s=B / t, gflops=flops / t / 1e9, roofline_frac=flops / t / 1e9 / roof["float32"],
-                         speedup_vs_reference=ref / t))
+        sparse_rows = [("topk, dense path", "topk", False, None)]  # the TopK row above took the sparse path
+        sparse_rows += [(f"{a} L0={L0}, sparse", a, None, L0) for a in ("relu", "jumprelu")]
+        for variant, activation, sparse, l0 in sparse_rows:
+            t = timed(our_step(S, D, F, B, activation, False, sparse=sparse, l0=l0), repeats)
+            rows.append(dict(shape=f"S={S} D={D} F={F}", variant=variant, precision="float32", tokens_per_s=B / t,
+                             gflops=flops / t / 1e9, roofline_frac=flops / t / 1e9 / roof["float32"],
+                             speedup_vs_reference=ref / t))
         for r in rows:
             r.setdefault("roofline_gflops_fp32", roof["float32"])
             r.setdefault("roofline_gflops_bf16", roof["bfloat16"])
     ev32, ev16 = ev_after_training(False), ev_after_training(True)
-    print(f"{'shape':22}{'variant':24}{'precision':10}{'tok/s':>10}{'GFLOP/s':>9}{'of fp32 roof':>13}{'vs ref':>8}")
+    print(f"{'shape':22}{'variant':28}{'precision':10}{'tok/s':>10}{'GFLOP/s':>9}{'of fp32 roof':>13}{'vs ref':>8}")
     for r in rows:
-        print(f"{r['shape']:22}{r['variant']:24}{r['precision']:10}{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}"
+        print(f"{r['shape']:22}{r['variant']:28}{r['precision']:10}{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}"
               f"{r['roofline_frac']:>13.0%}{r['speedup_vs_reference']:>8.2f}")
     print(f"matmul roofline: " + ", ".join(f"{r['shape']}: fp32 {r['roofline_gflops_fp32']:.0f} / bf16 "
-                                         f"{r['roofline_gflops_bf16']:.0f} GFLOP/s" for r in rows[::8]))
+                                         f"{r['roofline_gflops_bf16']:.0f} GFLOP/s" for r in rows
+                                         if r["variant"].startswith("reference")))
+    fp32 = {(r["shape"], r["variant"]): r for r in rows if r["precision"] == "float32"}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for sparse_variant, dense_variant in [("topk", "topk, dense path"), (f"relu L0={L0}, sparse", "relu"),
+                                              (f"jumprelu L0={L0}, sparse", "jumprelu")]:
+            fast, slow = fp32[shape, sparse_variant], fp32[shape, dense_variant]
+            fast["sparse_speedup"] = fast["tokens_per_s"] / slow["tokens_per_s"]
+            print(f"sparse vs dense path, {shape}, {sparse_variant}: {fast['sparse_speedup']:.2f}x")
     print(f"explained variance after 150 steps: float32 {ev32:.4f}, bfloat16 autocast {ev16:.4f} (diff {ev16 - ev32:+.4f})")
     out = ROOT / "bench" / "results" / ("step_quick.json" if args.quick else "step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"batch": B, "flops_per_step": "10*B*S*D*F", "threads": torch.get_num_threads(),
+    out.write_text(json.dumps({"batch": B, "flops_per_step": "10*B*S*D*F", "threads": torch.get_num_threads(), "sparse_l0": L0,
                                "rows": rows, "ev_float32": ev32, "ev_bfloat16": ev16}, indent=1))
 
 
