@@ -22,7 +22,7 @@ A model that does the task scores > 0 on clean prompts and < 0 on corrupted ones
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -86,32 +86,66 @@ def _single_token(tokenizer, word: str) -> int | None:
 
 @dataclass
 class Induction:
-    """Repeated random tokens: the second copy is predictable only by looking back at the first."""
+    """A passage and its repeat: the second copy is predictable only by looking back at the first.
+
+    source "random": the passage is random text tokens (the classic test, which no n-gram statistics can pass);
+    "text": held-out passages of ``corpus`` (copying real text, as duplicated passages in training data ask for).
+    """
 
     n_prompts: int = 64  # prompt pairs
-    seq_len: int = 16  # random tokens in the first copy (L); the prompt is 2L tokens with the BOS
-    seed: int = 0  # which random tokens
+    seq_len: int = 16  # tokens in the first copy (L); the prompt is 2L tokens with the BOS
+    seed: int = 0  # which random tokens / passages
+    source: str = "random"  # random | text
+    corpus: Any = None  # source "text": a data.corpus.TextCorpus (its held-out split)
 
-    name = "induction"
     metric = ("logit of the token that followed the repeated prefix in the first copy minus the logit of the "
               "token that followed it in the corrupted first copy, at the last position")
+
+    @property
+    def name(self) -> str:
+        return "induction" if self.source == "random" else f"induction_{self.source}"
 
     def prompts(self, tokenizer) -> TaskPrompts:
         if self.seq_len < 2:
             raise ValueError(f"attribution.task.seq_len: {self.seq_len} must be >= 2")
+        if self.source not in ("random", "text"):
+            raise ValueError(f"attribution.task.source: '{self.source}' is not one of ('random', 'text')")
         bos = _bos(tokenizer)
-        pool = np.array(ordinary_tokens(tokenizer))
+        ordinary = ordinary_tokens(tokenizer)
+        pool = np.array(ordinary)
         if len(pool) < self.seq_len + 1:
             raise ValueError(f"attribution.task.seq_len: {self.seq_len} needs more than the {len(pool)} ordinary "
                              "tokens of the vocabulary")
         rng = np.random.default_rng(self.seed)
+        passages = self._passages(tokenizer, set(ordinary), rng) if self.source == "text" else None
         pairs = []
-        for _ in range(self.n_prompts):
-            *r, alt = rng.choice(pool, self.seq_len + 1, replace=False).tolist()  # distinct: one right answer
+        for i in range(self.n_prompts):
+            if passages is None:
+                *r, alt = rng.choice(pool, self.seq_len + 1, replace=False).tolist()  # distinct: one right answer
+            else:
+                r = passages[i]
+                alt = int(rng.choice(pool[~np.isin(pool, r)]))
             clean = [bos] + r + r[:-1]
             corrupted = [bos] + r[:-1] + [alt] + r[:-1]
             pairs.append((clean, corrupted, r[-1], alt))
         return _stack(pairs, bos, tokenizer)
+
+    def _passages(self, tokenizer, ordinary: set[int], rng: np.random.Generator) -> list[list[int]]:
+        """n_prompts passages of seq_len tokens from the corpus, drawn among the first 8 x n_prompts windows
+        that hold only ordinary tokens and whose last token occurs once (so the answer is unambiguous)."""
+        if self.corpus is None:
+            raise ValueError("attribution.task.corpus: source 'text' needs a corpus (a data.corpus.TextCorpus)")
+        found = []
+        for w in self.corpus.windows(tokenizer, self.seq_len):
+            r = [int(t) for t in w.tokens]
+            if all(t in ordinary for t in r) and r.count(r[-1]) == 1:
+                found.append(r)
+                if len(found) == 8 * self.n_prompts:
+                    break
+        if len(found) < self.n_prompts:
+            raise ValueError(f"attribution.task.corpus: only {len(found)} usable passages of {self.seq_len} tokens; "
+                             f"{self.n_prompts} are needed")
+        return [found[i] for i in rng.choice(len(found), self.n_prompts, replace=False)]
 
 
 NAMES = ["Mary", "John", "Alice", "Bob", "James", "Michael", "David", "Sarah", "Emma", "Anna", "Paul", "Mark",

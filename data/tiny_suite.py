@@ -58,6 +58,24 @@ def tokenised_windows(corpus, tokenizer, context_length: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([w.tokens for w in corpus.windows(tokenizer, context_length)])).long()
 
 
+def duplicate_passages(windows: torch.Tensor, fraction: float, seed: int, period: int = 0) -> torch.Tensor:
+    """A copy of windows [N, T] in which ``fraction`` of them (chosen with ``seed``) are their first ``period``
+    tokens repeated to the window's end (period 0: T // 2, the first half twice).
+
+    Web corpora hold much duplicated text, and copying a passage seen earlier in the context is what induction
+    heads do. On the stdlib alone a 2M-token run is far too short for them to form (measured: a repeated
+    passage is predicted no better than its first copy at step 640); duplicated passages make copying pay."""
+    out = windows.clone()
+    n = int(round(fraction * len(windows)))
+    if n == 0:
+        return out
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n]
+    T = windows.shape[1]
+    period = period or T // 2
+    out[pick] = windows[pick, :period].repeat(1, -(-T // period))[:, :T]
+    return out
+
+
 class LanguageModelModule(L.LightningModule):
     """Next-token prediction for the suite's GPT-NeoX, with a linear warm-up and cosine decay."""
 
@@ -140,7 +158,8 @@ def plot_loss_curve(curve: dict, path: Path) -> None:
 def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                 context_length: int = 128, vocab_size: int = 4096, batch_size: int = 16, max_steps: int = 1024,
                 lr: float = 1e-3, warmup_steps: int = 32, log_until: int = 512, every: int = 128, seed: int = 0,
-                corpus_seed: int = 0, max_docs: int | None = None) -> Path:
+                corpus_seed: int = 0, max_docs: int | None = None, duplicate_fraction: float = 0.0,
+                duplicate_period: int = 0) -> Path:
     """Build the suite under ``<cache_dir>/suites/tiny-<hash of these arguments>`` (or find it built)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
@@ -151,7 +170,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
     config = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, context_length=context_length,
                   vocab_size=vocab_size, batch_size=batch_size, max_steps=max_steps, lr=lr,
                   warmup_steps=warmup_steps, log_until=log_until, every=every, seed=seed, corpus_seed=corpus_seed,
-                  max_docs=max_docs)
+                  max_docs=max_docs, **({"duplicate_fraction": duplicate_fraction, "duplicate_period": duplicate_period}
+                     if duplicate_fraction else {}))
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "suites" / f"tiny-{key}"
     if (folder / SUITE_FILE).is_file():
@@ -165,7 +185,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
     train_corpus = TextCorpus("stdlib", split="train", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
     val_corpus = TextCorpus("stdlib", split="validation", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
     tokenizer = train_tokenizer([t for _, t in train_corpus.texts()], vocab_size)
-    train_windows = tokenised_windows(train_corpus, tokenizer, context_length)
+    train_windows = duplicate_passages(tokenised_windows(train_corpus, tokenizer, context_length), duplicate_fraction,
+                                       seed, duplicate_period)
     val_windows = tokenised_windows(val_corpus, tokenizer, context_length)[:64]
 
     model = GPTNeoXForCausalLM(GPTNeoXConfig(

@@ -110,6 +110,25 @@ def test_induction_prompts_repeat_and_differ_in_one_token(suite):
     assert torch.equal(again.clean, p.clean)
 
 
+def test_induction_on_held_out_text_passages(suite):
+    from data.corpus import TextCorpus
+    tok = load_tokenizer(str(suite), "step0")
+    corpus = TextCorpus("stdlib", split="validation", max_docs=20, cache_dir=str(suite / "hf"))
+    task = Induction(n_prompts=12, seq_len=8, source="text", corpus=corpus)
+    assert task.name == "induction_text"  # its own output folder beside the random-token task's
+    p = task.prompts(tok)
+    passages = {tuple(w.tokens.tolist()) for w in corpus.windows(tok, 8)}
+    for i in range(12):
+        r = p.clean[i, 1:9].tolist()
+        assert tuple(r) in passages and p.clean[i, 9:].tolist() == r[:-1]  # a real passage, then its repeat
+        assert r.count(r[-1]) == 1 and p.wrong[i] not in r  # one right continuation, one wrong one
+    assert ((p.clean != p.corrupted).sum(1) == 1).all()
+    with pytest.raises(ValueError, match="attribution.task.source: 'texts'"):
+        Induction(source="texts").prompts(tok)
+    with pytest.raises(ValueError, match="attribution.task.corpus"):
+        Induction(source="text").prompts(tok)
+
+
 @pytest.fixture(scope="module")
 def english_tokenizer():
     """A byte-level BPE trained on sentences built from the tasks' own word lists, so names, nouns and verbs
