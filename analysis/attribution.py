@@ -265,7 +265,9 @@ def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttr
             top_c, rand_c = s["break_top_closed"][j], s["break_random_closed_mean"][j]
             verdicts.append(top_c >= 0.5 and rand_c is not None and rand_c < 0.5 * top_c)
     return {
-        "task": task.name, "metric": task.metric, "task_config": dataclasses.asdict(task),
+        "task": task.name, "metric": task.metric,
+        "task_config": {f.name: (v.config() if hasattr(v := getattr(task, f.name), "config") else v)
+                        for f in dataclasses.fields(task)},  # a corpus is recorded by its configuration
         "n_prompts": int(len(prompts.clean)), "prompt_tokens": int(prompts.clean.shape[1]),
         "examples": [dict(zip(("clean", "corrupted", "answer", "wrong"), e)) for e in prompts.examples],
         "model": site._asdict(), "ig_steps": cfg.ig_steps, "random_sets": cfg.random_sets, "show_k": k,

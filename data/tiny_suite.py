@@ -170,8 +170,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
     config = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, context_length=context_length,
                   vocab_size=vocab_size, batch_size=batch_size, max_steps=max_steps, lr=lr,
                   warmup_steps=warmup_steps, log_until=log_until, every=every, seed=seed, corpus_seed=corpus_seed,
-                  max_docs=max_docs, **({"duplicate_fraction": duplicate_fraction, "duplicate_period": duplicate_period}
-                     if duplicate_fraction else {}))
+                  max_docs=max_docs, **({"duplicate_fraction": duplicate_fraction} if duplicate_fraction else {}),
+                  **({"duplicate_period": duplicate_period} if duplicate_fraction and duplicate_period else {}))
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "suites" / f"tiny-{key}"
     if (folder / SUITE_FILE).is_file():

@@ -251,6 +251,7 @@ def test_analyze_attribution_end_to_end(suite, dataset, tmp_path):
     folder = out / "attribution" / "induction"
     result = json.loads((folder / "attribution.json").read_text())
     assert [s["name"] for s in result["snapshots"]] == REVISIONS and result["task"] == "induction"
+    assert result["task_config"]["seq_len"] == 5 and result["task_config"]["corpus"]["split"] == "validation"
     for s in result["snapshots"]:
         assert s["ks"] == [1, 4] and len(s["top_features"]) == 5
         # 4 steps in float32: quadrature error (the float64 test above checks completeness tightly)
