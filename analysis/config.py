@@ -15,10 +15,10 @@ class AttributionConfig:
     task: Any = None  # the prompts and metric: _target_ analysis.tasks.Induction | IOI | SVA, and its parameters
     ig_steps: int = 16  # integrated-gradients steps between the corrupted and the clean hook output
     ks: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])  # sizes of the broken feature sets
-    show_k: int = 10  # the k the figure draws over snapshots and the causal check judges
+    show_k: int = 50  # the k drawn over snapshots and judged by the causal check ("a few dozen", as the paper)
     random_sets: int = 5  # random feature sets per k, among the features the corruption changes
     n_top: int = 20  # top features per snapshot in top_features.csv and attribution.json
-    min_gap: float = 0.5  # a snapshot has learned the task when clean - corrupted metric >= this
+    min_gap: float = 0.1  # a snapshot has learned the task when clean - baseline metric >= this (nats)
     batch_size: int = 32  # prompts per forward pass
     snapshots: Optional[list[str]] = None  # snapshots to attribute at; null = every snapshot of the crosscoder
     repo: Optional[str] = None  # snapshot models; null = the dataset's record (local suite folder or hub id)

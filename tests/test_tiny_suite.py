@@ -36,3 +36,16 @@ def test_small_suite_builds_loads_offline_and_is_reused(tmp_path):
     mtime = (folder / "suite.json").stat().st_mtime_ns
     assert build_suite(tmp_path, **SMALL) == folder and (folder / "suite.json").stat().st_mtime_ns == mtime
     assert build_suite(tmp_path, **{**SMALL, "seed": 1}) != folder  # another config, another folder
+
+
+def test_duplicated_passages():
+    from data.tiny_suite import duplicate_passages
+    windows = torch.arange(8 * 12).reshape(8, 12)
+    out = duplicate_passages(windows, 0.5, seed=3)
+    copied = (out[:, 6:] == out[:, :6]).all(1)
+    assert copied.sum() == 4 and torch.equal(out[:, :6], windows[:, :6])  # half: the first half twice
+    assert torch.equal(out[~copied], windows[~copied])  # the rest untouched
+    assert torch.equal(duplicate_passages(windows, 0.5, seed=3), out)  # deterministic
+    assert torch.equal(duplicate_passages(windows, 0.0, seed=3), windows)
+    by5 = duplicate_passages(windows, 1.0, seed=0, period=5)
+    assert torch.equal(by5, windows[:, :5].repeat(1, 3)[:, :12])  # a period that does not divide T
