@@ -226,6 +226,12 @@ def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPr
 
 
 # ---- what the analysis writes ----------------------------------------------------------------------------------
+def at_k(snapshot: dict, key: str, k: int, missing=None):
+    """A per-k list of one snapshot of attribution.json (``break_top``, ...) read at set size k; ``missing`` where
+    k was not usable there (capped at the features the corruption changes)."""
+    return snapshot[key][snapshot["ks"].index(k)] if k in snapshot["ks"] else missing
+
+
 def gap_closed(result: SnapshotAttribution, metric: float) -> float | None:
     """Share of the way from the clean metric to the corrupted baseline that ``metric`` has moved (0: not at
     all, 1: all the way); None where the two are too close to tell (the task is not learned there)."""
@@ -261,8 +267,7 @@ def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttr
     verdicts = []
     for s in learned:
         if k in s["ks"]:
-            j = s["ks"].index(k)
-            top_c, rand_c = s["break_top_closed"][j], s["break_random_closed_mean"][j]
+            top_c, rand_c = at_k(s, "break_top_closed", k), at_k(s, "break_random_closed_mean", k)
             verdicts.append(top_c >= 0.5 and rand_c is not None and rand_c < 0.5 * top_c)
     return {
         "task": task.name, "metric": task.metric,
@@ -325,9 +330,9 @@ def log_scalars(summary: dict, log_dir: Path) -> None:
             values = {"metric_clean": s["metric_clean"], "metric_corrupted": s["metric_corrupted"],
                       "metric_baseline": s["metric_baseline"], "completeness_error": s["completeness_error"]}
             if k in s["ks"]:
-                j = s["ks"].index(k)
-                values.update({f"break_top{k}": s["break_top"][j], f"break_random{k}": s["break_random_mean"][j],
-                               f"restore_top{k}": s["restore_top"][j]})
+                values.update({f"break_top{k}": at_k(s, "break_top", k),
+                               f"break_random{k}": at_k(s, "break_random_mean", k),
+                               f"restore_top{k}": at_k(s, "restore_top", k)})
             for name, v in values.items():
                 writer.add_scalar(f"attribution/{task}/{name}", v, s["step"])
     finally:

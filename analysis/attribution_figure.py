@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.attribution import at_k
 from analysis.figures import cell_edges, log_x, plt, set_step_axis, step_label
 
 MAX_CARRIERS = 24  # feature rows drawn
@@ -47,16 +48,12 @@ def fig_attribution(summary: dict, ig: np.ndarray, table: pd.DataFrame | None):
     base = np.array([s["metric_baseline"] for s in snaps])
     ax.plot(x, [s["metric_clean"] for s in snaps] - base, "o-", color="#4c72b0", lw=2,
             label="clean prompts")
-
-    def at_k(s: dict, key: str) -> float:
-        return s[key][s["ks"].index(k)] if k in s["ks"] else np.nan
-    top = np.array([at_k(s, "break_top") for s in snaps])
-    rand_m = np.array([at_k(s, "break_random_mean") for s in snaps])
-    rand_s = np.array([at_k(s, "break_random_std") for s in snaps])
+    top, rand_m, rand_s, restore = (np.array([at_k(s, key, k, np.nan) for s in snaps]) for key in
+                                    ("break_top", "break_random_mean", "break_random_std", "restore_top"))
     ax.plot(x, top - base, "v-", color="#dd8452", lw=1.5, label=f"top {k} features broken")
     ax.plot(x, rand_m - base, "^-", color="#55a868", lw=1.5, label=f"random {k} features broken (mean ± sd)")
     ax.fill_between(x, rand_m - rand_s - base, rand_m + rand_s - base, color="#55a868", alpha=0.2)
-    ax.plot(x, np.array([at_k(s, "restore_top") for s in snaps]) - base, "d:", color="#8172b2", lw=1.5,
+    ax.plot(x, restore - base, "d:", color="#8172b2", lw=1.5,
             label=f"corrupted, top {k} restored")
     ax.axhline(0, color="#c44e52", ls="--", lw=1.2, label="corrupted baseline")
     learned = [s["step"] for s in snaps if s["learned"]]

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.attribution import at_k
 from data.format import write_atomic
 
 CSS = """
@@ -89,11 +90,8 @@ def attribution_html(result: dict, figure: Path | None) -> str:
              f'where the task is learned ({html.escape(check["rule"])}).</p>')
     examples = table_html(["clean prompt", "corrupted prompt", "answer", "wrong"],
                           [[e["clean"], e["corrupted"], e["answer"], e["wrong"]] for e in result["examples"][:3]])
-
-    def at_k(s: dict, key: str):
-        return s[key][s["ks"].index(k)] if k in s["ks"] else None
     rows = [[s["name"], s["step"], s["metric_clean"], s["metric_baseline"], "yes" if s["learned"] else "no",
-             at_k(s, "break_top_closed"), at_k(s, "break_random_closed_mean"), at_k(s, "restore_top_recovered"),
+             at_k(s, "break_top_closed", k), at_k(s, "break_random_closed_mean", k), at_k(s, "restore_top_recovered", k),
              s["completeness_error"], ", ".join(f'#{f["feature"]} ({f["share_of_gap"]:.0%})'
                                                  if f["share_of_gap"] is not None else f'#{f["feature"]}'
                                                  for f in s["top_features"][:5])]
