@@ -42,7 +42,7 @@ def snapshot_code(crosscoder: Crosscoder, acts: torch.Tensor, s: int, batch_size
     codes = []
     for i in range(0, N * T, batch_size):
         out = crosscoder(flat[i:i + batch_size])
-        codes.append(out.snapshot_latents[:, s] if crosscoder.activation == "paper" else out.latents)
+        codes.append(out.snapshot_code(s))
     return torch.cat(codes).reshape(N, T, -1)
 
 

@@ -30,8 +30,18 @@ class CrosscoderOutput(NamedTuple):
     latents: torch.Tensor  # [B, F] feature activations f (after the activation function)
     recon: torch.Tensor  # [B, S, D] reconstruction a_hat, in normalised units
     pre_acts: torch.Tensor  # [B, F] encoder pre-activations (without gradient on the sparse paths)
-    snapshot_latents: torch.Tensor | None = None  # [B, S, F] per-snapshot codes ("paper" activation only)
-    active: sparse.Active | None = None  # the code's active entries when the sparse path ran (crosscoder/sparse.py)
+    snapshot_latents: torch.Tensor | None = None  # [B, S, F] per-snapshot codes ("paper" activation, dense path)
+    # the code's active entries when the sparse path ran (crosscoder/sparse.py); PaperActive for "paper"
+    active: sparse.Active | sparse.PaperActive | None = None
+
+    def snapshot_code(self, s: int) -> torch.Tensor:
+        """[B, F] the code that snapshot s decodes: ``latents`` for every activation but "paper", whose per-snapshot
+        gates give each snapshot its own code (``snapshot_latents[:, s]``; on its sparse path formed from the entries)."""
+        if self.snapshot_latents is not None:
+            return self.snapshot_latents[:, s]
+        if isinstance(self.active, sparse.PaperActive):
+            return self.active.snapshot_code(s, *self.latents.shape)
+        return self.latents
 
 
 class LossTerms(NamedTuple):
@@ -169,7 +179,7 @@ class Crosscoder(nn.Module):
     def use_sparse(self, active_per_token: float) -> bool:
         """Whether to take the active-latents-only path (crosscoder/sparse.py) for a code with this many active
         latents per token: where it wins, or as ``sparse`` = True / False forces. topk, relu and jumprelu have
-        one; batchtopk and paper stay dense."""
+        one, and so has paper (counted per token and snapshot); batchtopk stays dense."""
         return sparse.sparse_wins(self.d_sae, active_per_token) if self.sparse is None else self.sparse
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -202,8 +212,24 @@ class Crosscoder(nn.Module):
     def _forward_paper(self, x: torch.Tensor) -> CrosscoderOutput:
         """The paper's code (Ge et al. 2026): one JumpReLU gate per snapshot on pre * ||W_dec[i, s]||, with
         one learned threshold per latent shared by the snapshots, so a latent can be on at some snapshots
-        and off at others. f[b, s, i] = pre[b, i] * H(pre[b, i] * ||W_dec[i, s]|| - t_i)."""
+        and off at others. f[b, s, i] = pre[b, i] * H(pre[b, i] * ||W_dec[i, s]|| - t_i).
+
+        The sparse path (crosscoder/sparse.py) runs over the (token, snapshot, latent) entries that are open or in
+        the threshold's window, when they are few: candidates (token, latent) at most PAPER_MAX_CANDIDATES of the
+        latents per token, then entries per token and snapshot as ``use_sparse`` allows."""
         pre = self.encode_pre(x)  # [B, F]
+        if self.sparse is not False:
+            B, S, F_ = x.shape[0], self.n_snapshots, self.d_sae
+            with torch.no_grad():
+                norms, threshold = self.decoder_norms(), self.log_threshold.exp()  # [F, S], [F]
+                cand = sparse.paper_candidates(pre, norms, threshold, self.jumprelu_bandwidth)
+                entries = None
+                if self.sparse or cand.sum().item() <= sparse.PAPER_MAX_CANDIDATES * F_ * B:
+                    entries = sparse.paper_entries(pre, norms, threshold, self.jumprelu_bandwidth, cand)
+            if entries is not None and self.use_sparse(len(entries.rows) / (B * S)):
+                active, recon, latents = sparse.paper_forward(x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                                              self.log_threshold.exp(), self.jumprelu_bandwidth)
+                return CrosscoderOutput(latents=latents, recon=recon, pre_acts=pre.detach(), active=active)
         norms = self.decoder_norms().T  # [S, F]
         gates = _step_ste(pre[:, None, :] * norms, self.log_threshold.exp(), self.jumprelu_bandwidth)
         snapshot_latents = pre[:, None, :] * gates  # [B, S, F]
@@ -213,6 +239,14 @@ class Crosscoder(nn.Module):
 
     def loss_terms(self, x: torch.Tensor, out: CrosscoderOutput) -> LossTerms:
         mse = (out.recon - x).pow(2).sum(dim=(1, 2)).mean()
+        if isinstance(out.active, sparse.PaperActive):  # the tanh-quad penalty below, over the kept entries only
+            a, (B, F_) = out.active, out.latents.shape  # closed entries outside the window add tanh(0) = 0
+            contribution = a.values * self.decoder_norms()[a.cols, a.snaps]
+            total = torch.zeros(F_, dtype=contribution.dtype, device=x.device).index_add(
+                0, a.cols, torch.tanh(self.tanh_c * contribution))
+            p = total / (B * self.n_snapshots)
+            return LossTerms(mse=mse, sparsity=(p * (1 + p / self.tanh_s)).sum(),
+                             l0=(out.latents > 0).to(x.dtype).sum(-1).mean())
         dec_norm_sum = self.decoder_norms().sum(-1)  # [F]
         if out.active is not None:  # the sparse paths: the same sums over the active entries only
             a, B = out.active, x.shape[0]

@@ -11,6 +11,10 @@ TopK has k entries per token. relu and JumpReLU have a variable number per token
 offsets); a token may have none. For JumpReLU the entries also include those inside the threshold's
 straight-through window that are closed (value 0): the dense path gives them a threshold gradient, so
 they stay in the set and their gradient w.r.t. the (zero) value is what that gradient needs.
+
+The paper activation (one JumpReLU gate per snapshot) has (token, snapshot, latent) entries: open, or closed inside
+the threshold's window. Its decoder is one bag per (token, snapshot) over rows W_dec[i, s], its tanh-quad penalty
+sums over the entries (a closed entry adds tanh(0) = 0), and nothing of shape [B, S, F] is formed (see below).
 """
 
 from __future__ import annotations
@@ -167,3 +171,124 @@ def threshold_forward(x: torch.Tensor, pre: torch.Tensor, keep: torch.Tensor, W_
                                                 threshold, pre.detach(), keep, bandwidth)
     active = Active(rows, cols, values, _offsets(rows, B))
     return active, decode(active, W_dec, b_dec)
+
+
+# ---- the paper's activation (crosscoder=paper): one JumpReLU gate per snapshot ----------------------------------
+# f[b, s, i] = pre[b, i] * H(pre[b, i] * ||W_dec[i, s]|| - t_i): the entries are (token, snapshot, latent) triples.
+# They are found without a [B, S, F] tensor: a latent can only be open (or in the threshold's window) at some
+# snapshot of a token if pre[b, i] passes the lowest of its S per-snapshot cut-offs, t_i / max_s ||W_dec[i, s]||
+# (loosened for rounding); those candidate (token, latent) pairs alone are expanded over the S snapshots and
+# tested exactly as the dense path tests them. The sparse step is tried only where the candidates are at most
+# this fraction of the latents per token, so the expansion stays far below a [B, S, F] tensor.
+PAPER_MAX_CANDIDATES = 1 / 8
+_EXPAND_CHUNK = 1 << 22  # candidate x snapshot elements expanded at a time
+
+
+class PaperActive(NamedTuple):
+    """The entries of the paper activation's per-snapshot code that its value or gradient can reach: the open ones
+    and the closed ones inside the threshold's straight-through window (value 0), ordered by (token, snapshot)."""
+
+    rows: torch.Tensor  # [N] token
+    snaps: torch.Tensor  # [N] snapshot
+    cols: torch.Tensor  # [N] latent
+    values: torch.Tensor  # [N] f[row, snap, col]: pre where open, 0 for window entries
+    offsets: torch.Tensor  # [B * S] position of each (token, snapshot)'s first entry
+
+    def snapshot_code(self, s: int, B: int, F_: int) -> torch.Tensor:
+        """[B, F] the code that snapshot s decodes (``snapshot_latents[:, s]`` of the dense path)."""
+        at = self.snaps == s
+        zeros = torch.zeros(B, F_, dtype=self.values.dtype, device=self.values.device)
+        return zeros.index_put_((self.rows[at], self.cols[at]), self.values[at])
+
+
+class PaperEntries(NamedTuple):
+    """What ``paper_entries`` finds (no gradient): candidate (token, latent) pairs and the entries expanded from them."""
+
+    cand_rows: torch.Tensor  # [C] token of each candidate pair
+    cand_cols: torch.Tensor  # [C] latent of each candidate pair
+    cand: torch.Tensor  # [N] the candidate each entry came from
+    rows: torch.Tensor  # [N]
+    snaps: torch.Tensor  # [N]
+    cols: torch.Tensor  # [N]
+    pre: torch.Tensor  # [N] pre[row, col]
+    open: torch.Tensor  # [N] bool: pre * ||W_dec[col, snap]|| > t
+    window: torch.Tensor  # [N] bool: |pre * ||W_dec[col, snap]|| - t| < bandwidth / 2
+
+
+def paper_candidates(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """[B, F] bool: a superset of the (token, latent) pairs open or in the window at some snapshot.
+
+    pre [B, F]; norms [F, S] decoder norms; threshold [F]. Entry (b, s, i) is kept when g - t > -bandwidth / 2 with
+    g = pre[b, i] * ||W_dec[i, s]||, i.e. pre[b, i] > (t_i - bandwidth / 2) / ||W_dec[i, s]||; the cut-off is
+    loosened by 1e-4 (t + bandwidth) so that rounding cannot drop a pair the exact test keeps."""
+    low = threshold - bandwidth / 2 - 1e-4 * (threshold.abs() + bandwidth)  # [F]
+    inf = torch.full_like(norms, float("inf"))
+    cut = torch.where(norms > 0, low[:, None] / norms, torch.where(low[:, None] < 0, -inf, inf))  # [F, S]
+    return pre >= cut.amin(1)
+
+
+def paper_entries(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
+                  candidates: torch.Tensor) -> PaperEntries:
+    """The kept entries (open or in the window) of the candidate pairs, ordered by (token, snapshot); tested with the
+    dense path's own float32 expressions (``_forward_paper`` and ``_JumpStep`` in model.py), so the set is exact."""
+    S = norms.shape[1]
+    cand_rows, cand_cols = candidates.nonzero(as_tuple=True)
+    cand_pre = pre[cand_rows, cand_cols]
+    parts = []
+    step = max(1, _EXPAND_CHUNK // S)
+    for i in range(0, len(cand_rows), step):
+        c = cand_cols[i:i + step]
+        g = cand_pre[i:i + step, None] * norms[c]  # [n, S]
+        t = threshold[c][:, None]
+        open_, window = g > t, (g - t).abs() < bandwidth / 2
+        ci, si = (open_ | window).nonzero(as_tuple=True)
+        parts.append((ci + i, si, open_[ci, si], window[ci, si]))
+    if parts:
+        cand, snaps, open_, window = (torch.cat(p) for p in zip(*parts))
+    else:
+        empty = torch.zeros(0, dtype=torch.long, device=pre.device)
+        cand, snaps, open_, window = empty, empty, empty.bool(), empty.bool()
+    rows = cand_rows[cand]
+    order = torch.argsort(rows * S + snaps, stable=True)  # (token, latent, snapshot) -> (token, snapshot) bags
+    cand, snaps, open_, window, rows = cand[order], snaps[order], open_[order], window[order], rows[order]
+    return PaperEntries(cand_rows, cand_cols, cand, rows, snaps, cand_cols[cand], cand_pre[cand], open_, window)
+
+
+class _PaperEncode(torch.autograd.Function):
+    """The entries' values pre * H(pre * ||W_dec[i, s]|| - t), with the dense path's backward restricted to them: the
+    gate's straight-through estimate for the threshold (window entries, open or closed), the exact gradient for pre
+    (open entries; summed over a pair's snapshots before the encoder's sparse product)."""
+
+    @staticmethod
+    def forward(ctx, x_flat, W_enc_flat, b_enc, threshold, e: PaperEntries, bandwidth):
+        values = e.pre * e.open.to(e.pre.dtype)
+        ctx.save_for_backward(x_flat, threshold, e.cand_rows, e.cand_cols, e.cand, e.cols, e.pre, e.open, e.window)
+        ctx.n_latents, ctx.bandwidth = W_enc_flat.shape[1], bandwidth
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x_flat, threshold, cand_rows, cand_cols, cand, cols, pre, open_, window = ctx.saved_tensors
+        g = grad_values
+        grad_pre = torch.zeros(len(cand_rows), dtype=g.dtype, device=g.device).index_add_(0, cand, g * open_.to(g.dtype))
+        grad_W, grad_b = _encoder_grads(x_flat, cand_rows, cand_cols, grad_pre, ctx.n_latents)
+        # as _JumpStep.backward: d/dt of the gate is -window / bandwidth, times dL/dgate = dL/df * pre
+        step = -(g * pre) * window.to(g.dtype) / ctx.bandwidth
+        grad_t = torch.zeros_like(threshold).index_add_(0, cols, step.to(threshold.dtype))
+        return None, grad_W, grad_b, grad_t, None, None
+
+
+def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                  b_dec: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> tuple[PaperActive, torch.Tensor, torch.Tensor]:
+    """(entries with differentiable values; reconstruction [B, S, D]; latents [B, F] = max over snapshots of the
+    code, clamped at 0, as the dense path's ``latents``)."""
+    B = x.shape[0]
+    F_, S, D = W_dec.shape
+    values = _PaperEncode.apply(x.reshape(B, -1), W_enc.reshape(-1, F_), b_enc, threshold, e, bandwidth)
+    active = PaperActive(e.rows, e.snaps, e.cols, values, _offsets(e.rows * S + e.snaps, B * S))
+    # one bag per (token, snapshot) over the rows W_dec[i, s] of its entries
+    recon = F.embedding_bag(active.cols * S + active.snaps, W_dec.reshape(F_ * S, D), active.offsets, mode="sum",
+                            per_sample_weights=values.to(W_dec.dtype))
+    latents = torch.zeros(B * F_, dtype=values.dtype, device=values.device).scatter_reduce(
+        0, active.rows * F_ + active.cols, values, "amax", include_self=True).view(B, F_)
+    return active, recon.view(B, S, D) + b_dec, latents
