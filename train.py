@@ -1,7 +1,8 @@
-"""Train a crosscoder on cached multi-snapshot activations.
+"""Train a crosscoder on multi-snapshot activations, cached or computed live.
 
     python train.py                                   # offline default: mini-Pythia suite, cached, trained
     python train.py data.path=<dataset folder>        # any folder in the shard format (docs/FORMAT.md)
+    python train.py data=live                         # snapshots run during training: no activation cache
     python train.py -m crosscoder.d_sae=512,1024 crosscoder.l1_coef=1,2   # sweep, with a summary table
 
 This file only composes: everything it builds comes from conf/ through ``_target_``.
@@ -42,14 +43,18 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
-    with open_dict(cfg):
-        cfg.data.path = dataset_path(cfg)
+    if "path" in cfg.data:  # cached activations (data=shards); data=live computes them as it trains
+        with open_dict(cfg):
+            cfg.data.path = dataset_path(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    if getattr(datamodule, "repo", None) and "model" in cfg and not cfg.model.get("repo"):
+        with open_dict(cfg):  # a live run records the suite it built, for analysis (as a cache's manifest does)
+            cfg.model.repo = datamodule.repo
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     module = instantiate(cfg.crosscoder, n_snapshots=datamodule.n_snapshots, d_model=datamodule.d_model,
                          snapshot_names=datamodule.snapshot_names, norm_scale=datamodule.norm_scale(),
                          data_mean=datamodule.raw_mean())

@@ -68,7 +68,8 @@ def model_site(run: RunFiles, repo: str | None = None, layer: int | None = None,
     hook = hook or extra.get("hook") or select(run.config, "model.hook", "resid_post")
     if layer is None:
         raise ValueError(f"{run.run_dir}: the hook's layer is not recorded; set attribution.layer=<block index>")
-    drop_first = int(extra.get("drop_first", select(run.config, "cache.drop_first", 0)))
+    live = select(run.config, "data.drop_first")  # a live run's own setting; a cached run's is the manifest's
+    drop_first = int(extra.get("drop_first", live if live is not None else select(run.config, "cache.drop_first", 0)))
     return Site(str(repo), int(layer), str(hook), drop_first)
 
 

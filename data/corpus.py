@@ -15,7 +15,7 @@ import os
 import sysconfig
 from collections import deque
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -42,6 +42,16 @@ def stdlib_files(split: str) -> list[Path]:
         return files
     held_out = lambda p: int(hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest(), 16) % 20 == 0
     return [p for p in files if held_out(p) == (split == "validation")]
+
+
+def heldout_documents(every: int, held_out: bool) -> Callable[[int], bool]:
+    """Document filter: every ``every``-th document of the corpus's (seeded, shuffled) order is held out.
+
+    ``held_out=True`` selects those, ``False`` the rest. The order is already a seeded shuffle, so the held-out
+    documents are a random sample, and the rule needs no look-ahead in a streamed corpus."""
+    if every < 2:
+        raise ValueError(f"data.heldout_every: {every} must be >= 2 (one document in `every` is held out)")
+    return lambda doc: (doc % every == every - 1) == held_out
 
 
 class TextCorpus:
@@ -79,12 +89,18 @@ class TextCorpus:
                                f"(columns: {sorted(row)})")
             yield i, row[self.text_column]
 
-    def windows(self, tokenizer, context_length: int, max_tokens: int | None = None) -> Iterator[Window]:
-        """Pack documents (separated by the tokenizer's EOS token) into windows of ``context_length``."""
+    def windows(self, tokenizer, context_length: int, max_tokens: int | None = None,
+                documents: Callable[[int], bool] | None = None) -> Iterator[Window]:
+        """Pack documents (separated by the tokenizer's EOS token) into windows of ``context_length``.
+
+        ``documents(doc)`` picks the documents packed (e.g. ``heldout_documents``): a document is either wholly
+        in the windows or not at all, so a split made this way never shares a document."""
         eos = tokenizer.eos_token_id
         pending: deque[list] = deque()  # [doc, next position, ids] of documents not yet fully windowed
         size = emitted = 0
         for doc, text in self.texts():
+            if documents is not None and not documents(doc):
+                continue
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32)
             pending.append([doc, 0, ids])
