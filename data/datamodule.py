@@ -47,22 +47,37 @@ def slot_ranges(counts: list[int], slot: int, n_slots: int) -> list[tuple[int, i
     return out
 
 
+def stream_worker(consumed: int = 0) -> tuple[int, int, int, int, int]:
+    """(rank, world, stream, n_workers, to_skip) for this DataLoader worker when ``consumed`` batches of the
+    stream were handed out before (a resume).
+
+    The DataLoader takes batches from its workers in turn, always starting at worker 0: in an uninterrupted
+    run batch b comes from worker b % n as that worker's (b // n)-th batch. So a fresh loader continues the
+    stream exactly only if its worker w plays the part of the original worker (consumed + w) % n (its shard
+    share and its shuffle seed: ``stream``) and drops the (consumed + w) // n batches that worker had already
+    handed out (``to_skip``). Resumed batch j = w + n*i then equals original batch consumed + j.
+    """
+    rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
+    return rank, world, (consumed + worker) % n_workers, n_workers, (consumed + worker) // n_workers
+
+
 class ShardWindows(IterableDataset):
     """webdataset source: which windows of which shards this (rank, worker) reads, epoch after epoch.
 
     Each epoch permutes the shards (seeded by the epoch) and gives every (DDP rank, DataLoader worker)
     slot a contiguous, equal share of the windows (instead of whole shards, which would need a shard
-    count divisible by ranks x workers to see every token exactly once).
+    count divisible by ranks x workers to see every token exactly once). ``consumed`` (resuming) rotates
+    which worker reads which share, see ``stream_worker``.
     """
 
     def __init__(self, folder: Path, shards: list[ShardEntry], seed: int, shuffle: bool, repeat: bool,
-                 max_windows: int | None = None):
+                 max_windows: int | None = None, consumed: int = 0):
         self.folder, self.shards, self.seed = folder, shards, seed
-        self.shuffle, self.repeat, self.max_windows = shuffle, repeat, max_windows
+        self.shuffle, self.repeat, self.max_windows, self.consumed = shuffle, repeat, max_windows, consumed
 
     def __iter__(self) -> Iterator[dict]:
-        rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
-        slot, n_slots = rank * n_workers + worker, world * n_workers
+        rank, world, stream, n_workers, _ = stream_worker(self.consumed)
+        slot, n_slots = rank * n_workers + stream, world * n_workers
         epoch = 0
         while True:
             order = np.arange(len(self.shards))
@@ -117,20 +132,20 @@ def shuffle_batches(batch_size: int, buffer_tokens: int, seed: int, dtype: str, 
     next epoch), so the batches of one epoch hold each of its tokens exactly once.
     ``buffer_tokens=0`` keeps the stored order (validation).
 
-    ``skip_batches`` (resuming) replays the stream and drops the first batches the DataLoader already
-    handed out; workers hand out batches in turn, so worker w of n drops those numbered w, w+n, ...
-    Replaying instead of seeking keeps the resumed stream identical to the uninterrupted one.
+    ``skip_batches`` (resuming: the batches the DataLoader already handed out) replays the stream and drops
+    what was handed out; the DataLoader restarts its round-robin at worker 0, so worker w continues the
+    stream of the original worker (skip_batches + w) % n (``stream_worker``). Replaying instead of seeking
+    keeps the resumed stream identical to the uninterrupted one, for any number of workers.
     """
     shuffled = buffer_tokens > 0
 
     def stage(windows: Iterator[tuple[int, np.ndarray]]) -> Iterator[torch.Tensor]:
-        rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
-        rng = np.random.default_rng((seed, rank, worker))
+        rank, _, stream, _, to_skip = stream_worker(skip_batches)
+        rng = np.random.default_rng((seed, rank, stream))
         buf: np.ndarray | None = None
         filled = 0
         capacity = max(buffer_tokens, batch_size)
         current_epoch = 0
-        to_skip = len(range(worker, skip_batches, n_workers))
 
         def emit(n: int) -> Iterator[torch.Tensor]:
             """Hand out n (a multiple of batch_size) buffered tokens; keep the rest."""
@@ -243,11 +258,13 @@ class ActivationDataModule(L.LightningDataModule):
         max_windows = None
         if not train and self.val_tokens is not None:
             max_windows = max(1, math.ceil(self.val_tokens / self.manifest.tokens_per_sample))
+        consumed = self.resume_batches if train else 0
         return wds.DataPipeline(
-            ShardWindows(self.path, entries, self.seed, shuffle=train, repeat=train, max_windows=max_windows),
+            ShardWindows(self.path, entries, self.seed, shuffle=train, repeat=train, max_windows=max_windows,
+                         consumed=consumed),
             read_windows(self.manifest, self.snapshot_idx, self.verify, self.on_corrupt, self.skipped_shards),
             shuffle_batches(self.batch_size, self.shuffle_buffer if train else 0, self.seed, self.manifest.dtype,
-                            drop_last=train, skip_batches=self.resume_batches if train else 0),
+                            drop_last=train, skip_batches=consumed),
         )
 
     def _loader(self, entries: list[ShardEntry], train: bool) -> DataLoader:

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from data.datamodule import ActivationDataModule
 from tests.conftest import ROOT, compose_train, write_toy_dataset
 from train import train
 
@@ -29,13 +30,43 @@ def run_train(args, cwd, wait=True):
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
+def batches(dm: ActivationDataModule, n: int) -> torch.Tensor:
+    out = []
+    for i, batch in enumerate(dm.train_dataloader()):
+        if i >= n:
+            break
+        out.append(batch)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_resumed_loader_continues_the_uninterrupted_batch_sequence(tmp_path, workers):
+    # 3 train shards x 10 windows x 32 tokens: an epoch is 30 batches of 32, 10 per worker with 3 workers
+    data = write_toy_dataset(tmp_path / "toy", n_samples=40)
+    dm = ActivationDataModule(data, batch_size=32, shuffle_buffer=128, val_shards=1, num_workers=workers,
+                              verify_sha256=False)
+    dm.setup()
+    n = 70  # past two epoch boundaries
+    full = batches(dm, n)
+    assert len({b.numpy().tobytes() for b in full}) == n  # every batch tells itself apart
+    for consumed in [1, 2, 3, 4, 13, 32, 47]:
+        dm.load_state_dict({"batches": consumed, "seed": 0, "batch_size": 32})
+        resumed = batches(dm, n - consumed)
+        assert torch.equal(resumed, full[consumed:]), f"{workers} workers, {consumed} batches consumed"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, workers):
     data = write_toy_dataset(tmp_path / "toy", n_samples=60)
-    full = run_train([f"data.path={data}", *ARGS, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
+    # checkpoints at odd steps: with 2 workers an even number of consumed batches resumed right even before
+    # the round-robin fix (issue 13)
+    args = [a for a in ARGS if not a.startswith("callbacks.checkpoint.")]
+    args += ["callbacks.checkpoint.every_n_train_steps=37", f"data.num_workers={workers}"]
+    full = run_train([f"data.path={data}", *args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    proc = run_train([f"data.path={data}", *ARGS, f"hydra.run.dir={run_dir}"], tmp_path, wait=False)
+    proc = run_train([f"data.path={data}", *args, f"hydra.run.dir={run_dir}"], tmp_path, wait=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -44,9 +75,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc.wait()
     assert last.exists() and not (run_dir / "metrics.json").exists(), "the run must die part-way"
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < killed_at < 300
+    assert 0 < killed_at < 300 and killed_at % 2 == 1, killed_at
 
-    resumed = run_train([f"data.path={data}", *ARGS, f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
+    resumed = run_train([f"data.path={data}", *args, f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
