@@ -184,7 +184,7 @@ def test_paper_tiny_composes_live_and_analyze_reads_the_run(suite, tmp_path):
     import subprocess
     import sys
     cache = tmp_path / "cache"
-    args = ["experiment=paper_tiny", *LIVE_ARGS, "trainer.max_steps=20", f"model.repo={suite}",
+    args = ["experiment=paper_tiny", *LIVE_ARGS[1:], "trainer.max_steps=20", f"model.repo={suite}",
             f"paths.cache_dir={cache}", f"corpus.cache_dir={suite / 'hf'}", f"hydra.run.dir={tmp_path / 'run'}"]
     out = run_train(args, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

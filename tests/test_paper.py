@@ -111,3 +111,5 @@ def test_paper_tiny_applies_the_recipe_to_the_offline_suite(tmp_path):
     assert (cc.activation, cc.jumprelu_init_threshold, cc.l1_coef, cc.tanh_c, cc.tanh_s) == ("paper", 0.1, 0.3, 4.0, 0.01)
     assert (cc.l1_warmup_steps, cc.lr_decay_start, cc.lr_final_factor) == (0.1, 0.8, 1 / 32)
     assert cc.d_sae == 1024 and cfg.trainer.max_steps == 1500
+    assert cfg.data._target_ == "data.live.LiveActivationDataModule"  # like the Pythia preset: no cache
+    assert compose_train(["experiment=paper_tiny", "data=shards"], tmp_path).data.path is None  # a cache on request
