@@ -100,14 +100,19 @@ class CrosscoderModule(L.LightningModule):
         return min(1.0, (self.global_step + 1) / warm) if warm > 0 else 1.0
 
     def lr_factor(self, step: int) -> float:
-        """Linear warm-up, constant, then linear decay to lr_final_factor over the last part of training."""
+        """Linear warm-up, constant, then linear decay to lr_final_factor over the last part of training.
+
+        ``step`` is the optimiser step (0 .. max_steps - 1) the factor applies to: the warm-up reaches 1 at
+        step warm - 1, the decay starts from 1 at ``decay_start`` and the last step uses exactly
+        lr * lr_final_factor.
+        """
         warm = self._steps(self.hparams.lr_warmup_steps)
-        total = max(int(self.trainer.max_steps), 1)
+        last = max(int(self.trainer.max_steps), 1) - 1
         decay_start = self._steps(self.hparams.lr_decay_start)
         if warm > 0 and step < warm:
             return (step + 1) / warm
-        if step >= decay_start and total > decay_start:
-            t = (step - decay_start) / (total - decay_start)
+        if step >= decay_start and last >= decay_start:
+            t = min((step - decay_start) / (last - decay_start), 1.0) if last > decay_start else 1.0
             return 1 - t * (1 - self.hparams.lr_final_factor)
         return 1.0
 
