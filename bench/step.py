@@ -2,6 +2,7 @@
 
     python bench/step.py [--quick]
     python bench/step.py --crossover [--shape S D F]   # where the sparse relu step stops winning
+    python bench/step.py --paper [--quick]             # the paper activation: sparse path vs dense path
 
 For each shape (S, D, F) at batch B it measures, in one run:
 - the dense matmul rate of this machine for the step's own GEMM shapes (fp32 and bf16), the roofline;
@@ -12,6 +13,9 @@ For each shape (S, D, F) at batch B it measures, in one run:
   the same step forced dense; relu / jumprelu with b_enc shifted so that L0 = 48 latents are open per token (a
   trained dictionary's L0) against the relu / jumprelu rows above, which take the dense path (at init about
   half of the latents are open; the dense step costs the same at any L0).
+With --paper: crosscoder=paper with ~40 latents open per token and snapshot (thresholds set from the measured
+pre-activations), its sparse step against its dense step (time and peak transient memory, each measured in a fresh
+process) and against the dense relu step; see paper_bench.
 FLOPs per step = 10 * B * S * D * F: forward encoder and decoder (2 + 2), encoder weight gradient (2),
 decoder input and weight gradients (2 + 2); the input needs no gradient. Writes bench/results/step.json.
 """
@@ -145,15 +149,172 @@ def crossover(S: int, D: int, F: int, B: int = 1024, repeats: int = 2) -> None:
     out.write_text(json.dumps({"shape": dict(S=S, D=D, F=F, B=B), "rows": rows}, indent=1))
 
 
+def paper_model(S: int, D: int, F: int, B: int, sparse: bool | None, open_per_snapshot: int = 40,
+                bandwidth: float = 0.001, seed: int = 0):
+    """A paper crosscoder and a batch x [B, S, D] with about ``open_per_snapshot`` latents open per token and
+    snapshot. Decoder norms differ per (latent, snapshot) (x U[0.5, 1.5]), so the open sets differ between
+    snapshots; the one threshold t (all latents) is the (1 - open / F) quantile of g = pre * ||W_dec[i, s]|| over
+    the first 64 tokens. ``bandwidth``: the threshold's straight-through window."""
+    torch.manual_seed(seed)
+    model = Crosscoder(S, D, F, activation="paper", jumprelu_bandwidth=bandwidth, sparse=sparse)
+    x = torch.randn(B, S, D)
+    with torch.no_grad():
+        model.W_dec.mul_(torch.rand(F, S, 1) + 0.5)
+        g = (model.encode_pre(x[:64])[:, None, :] * model.decoder_norms().T).flatten()
+        t = g.kthvalue(int(len(g) * (1 - open_per_snapshot / F))).values.item()
+        model.log_threshold.fill_(float(torch.tensor(t).log()))
+    return model, x
+
+
+def paper_density(model: Crosscoder, x: torch.Tensor, bandwidth: float | None = None, chunk: int = 64) -> dict:
+    """Per token and snapshot, over the whole batch: open entries, closed entries inside the window of ``bandwidth``
+    (None: the model's); and the L0 of ``latents`` (latents open at some snapshot). Counted in chunks of tokens."""
+    bw = model.jumprelu_bandwidth if bandwidth is None else bandwidth
+    n_open = n_window = n_any = 0
+    with torch.no_grad():
+        norms, t = model.decoder_norms().T, model.log_threshold.exp()
+        for i in range(0, len(x), chunk):
+            g = model.encode_pre(x[i:i + chunk])[:, None, :] * norms
+            open_ = g > t
+            n_open += int(open_.sum())
+            n_window += int((((g - t).abs() < bw / 2) & ~open_).sum())
+            n_any += int(open_.any(1).sum())
+    B, S = x.shape[:2]
+    return dict(open_per_snapshot=n_open / (B * S), window_per_snapshot=n_window / (B * S), l0=n_any / B)
+
+
+def paper_step(S: int, D: int, F: int, B: int, variant: str):
+    """(step, model, x) for variant "paper sparse" / "paper dense" (fp32), "paper sparse bf16", "relu dense"."""
+    if variant == "relu dense":
+        model = Crosscoder(S, D, F, activation="relu", sparse=False)
+        x = torch.randn(B, S, D)
+    else:
+        model, x = paper_model(S, D, F, B, sparse=None if "sparse" in variant else False)
+    bf16 = variant.endswith("bf16")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+            terms = model.loss_terms(x, out)
+            loss = terms.mse + terms.sparsity
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return out
+    return step, model, x
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def paper_memory_child(S: int, D: int, F: int, B: int, variant: str) -> None:
+    """In a fresh process: after a warm-up step (gradients and Adam state exist), reset the peak RSS and run one
+    step; print the peak over the RSS before it (the step's transient memory) as JSON."""
+    import gc
+    torch.set_num_threads(2)
+    step = paper_step(S, D, F, B, variant)[0]
+    out = step()
+    sparse_ran = out.active is not None
+    del out
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    step()
+    print(json.dumps(dict(transient_bytes=(_rss_kib("VmHWM") - before) * 1024, held_bytes=before * 1024,
+                          sparse_ran=sparse_ran)))
+
+
+def paper_memory(S: int, D: int, F: int, B: int, variant: str) -> dict:
+    import os
+    import subprocess
+    # large blocks straight from mmap and back on free, so that RSS follows what the step holds
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    cmd = [sys.executable, __file__, "--paper-memory-child", str(S), str(D), str(F), str(B), variant]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def paper_bench(quick: bool, repeats: int = 3) -> None:
+    """crosscoder=paper at ~40 open latents per token and snapshot. Shape 1 (S=32 D=128 F=16384): the sparse step
+    against the dense paper step, time and transient memory. Shape 2 (S=4 D=128 F=4096, batch 1024): the sparse step,
+    fp32 and bf16 autocast, against the dense relu fp32 step. Steps of one shape are interleaved (each repeat runs
+    every variant once) and the median of ``repeats`` is kept. Writes bench/results/step_paper[_quick].json."""
+    plans = [((8, 64, 4096), 256, ["paper sparse", "paper dense"]),
+             ((4, 64, 2048), 512, ["paper sparse", "paper sparse bf16", "relu dense"])] if quick else \
+            [((32, 128, 16384), 256, ["paper sparse", "paper dense"]),
+             ((4, 128, 4096), 1024, ["paper sparse", "paper sparse bf16", "relu dense", "paper dense"])]
+    rows = []
+    for (S, D, F), B, variants in plans:
+        steps, ran = {}, {}
+        for v in variants:
+            steps[v] = paper_step(S, D, F, B, v)
+            ran[v] = steps[v][0]().active is not None  # warm-up; which path the model took
+        times = {v: [] for v in variants}
+        for _ in range(repeats):
+            for v in variants:
+                start = time.perf_counter()
+                steps[v][0]()
+                times[v].append(time.perf_counter() - start)
+        model, x = steps[variants[0]][1:]
+        density = paper_density(model, x)
+        wide = paper_density(model, x[:256], bandwidth=2.0)["window_per_snapshot"]  # conf/crosscoder/paper.yaml's
+        del steps
+        for v in variants:
+            t = sorted(times[v])[len(times[v]) // 2]
+            mem = paper_memory(S, D, F, B, v)
+            assert mem["sparse_ran"] == ran[v]
+            rows.append(dict(shape=f"S={S} D={D} F={F}", batch=B, variant=v, sparse_path=ran[v], seconds=t,
+                             seconds_all=times[v], tokens_per_s=B / t, transient_bytes=mem["transient_bytes"],
+                             held_bytes=mem["held_bytes"], **(density if v.startswith("paper") else {}),
+                             window_per_snapshot_at_bandwidth_2=wide if v.startswith("paper") else None))
+    print(f"{'shape':22}{'B':>6}  {'variant':20}{'path':>7}{'s/step':>8}{'tok/s':>9}{'transient':>11}"
+          f"{'open/snap':>10}{'window/snap':>12}{'L0':>7}")
+    for r in rows:
+        print(f"{r['shape']:22}{r['batch']:>6}  {r['variant']:20}{'sparse' if r['sparse_path'] else 'dense':>7}"
+              f"{r['seconds']:>8.3f}{r['tokens_per_s']:>9,.0f}{r['transient_bytes'] / 2**20:>9,.0f} MiB"
+              + (f"{r['open_per_snapshot']:>10.1f}{r['window_per_snapshot']:>12.2f}{r['l0']:>7.1f}" if 'l0' in r else ""))
+    by = {(r["shape"], r["variant"]): r for r in rows}
+    (s1, _), (s2, _) = [(f"S={S} D={D} F={F}", B) for (S, D, F), B, _ in plans]
+    sp, de = by[s1, "paper sparse"], by[s1, "paper dense"]
+    summary = dict(
+        speedup_vs_dense_paper=de["seconds"] / sp["seconds"],
+        transient_memory_ratio=de["transient_bytes"] / max(sp["transient_bytes"], 1),
+        sparse_paper_vs_dense_relu_tokens=by[s2, "paper sparse"]["tokens_per_s"] / by[s2, "relu dense"]["tokens_per_s"],
+        paper_bf16_vs_fp32_tokens=by[s2, "paper sparse bf16"]["tokens_per_s"] / by[s2, "paper sparse"]["tokens_per_s"])
+    print(f"{s1}: sparse paper step {summary['speedup_vs_dense_paper']:.2f}x faster than the dense paper step "
+          f"(target >= 3x), {summary['transient_memory_ratio']:.1f}x less transient memory (target >= 8x)")
+    print(f"{s2}: sparse paper fp32 {summary['sparse_paper_vs_dense_relu_tokens']:.2f}x the tokens/s of dense relu "
+          f"fp32 (target >= 1.2x); paper bf16 {summary['paper_bf16_vs_fp32_tokens']:.2f}x paper fp32 (target >= 1.6x)")
+    print("window entries per token and snapshot at conf/crosscoder/paper.yaml's bandwidth 2.0 (first 256 tokens): "
+          + ", ".join(f"{r['shape']}: {r['window_per_snapshot_at_bandwidth_2']:,.0f}" for r in rows
+                      if r["variant"] == "paper sparse"))
+    out = ROOT / "bench" / "results" / ("step_paper_quick.json" if quick else "step_paper.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": repeats, "rows": rows,
+                               "summary": summary}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape only, one repeat (a smoke test)")
     parser.add_argument("--crossover", action="store_true", help="sparse vs dense relu step at several L0")
     parser.add_argument("--shape", type=int, nargs=3, default=(8, 768, 16384), metavar=("S", "D", "F"))
+    parser.add_argument("--paper", action="store_true", help="crosscoder=paper: sparse vs dense step, time and memory")
+    parser.add_argument("--paper-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paper_memory_child:
+        *dims, variant = args.paper_memory_child
+        return paper_memory_child(*map(int, dims), variant)
     torch.set_num_threads(2)
     if args.crossover:
         return crossover(*args.shape)
+    if args.paper:
+        return paper_bench(args.quick)
     shapes = [(8, 128, 4096)] if args.quick else [(8, 128, 4096), (8, 768, 16384)]
     B = 256 if args.quick else 1024
     rows = []

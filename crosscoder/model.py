@@ -224,7 +224,7 @@ class Crosscoder(nn.Module):
                 norms, threshold = self.decoder_norms(), self.log_threshold.exp()  # [F, S], [F]
                 cand = sparse.paper_candidates(pre, norms, threshold, self.jumprelu_bandwidth)
                 entries = None
-                if self.sparse or cand.sum().item() <= sparse.PAPER_MAX_CANDIDATES * F_ * B:
+                if self.sparse or torch.count_nonzero(cand).item() <= sparse.PAPER_MAX_CANDIDATES * F_ * B:
                     entries = sparse.paper_entries(pre, norms, threshold, self.jumprelu_bandwidth, cand)
             if entries is not None and self.use_sparse(len(entries.rows) / (B * S)):
                 active, recon, latents = sparse.paper_forward(x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
@@ -246,7 +246,7 @@ class Crosscoder(nn.Module):
                 0, a.cols, torch.tanh(self.tanh_c * contribution))
             p = total / (B * self.n_snapshots)
             return LossTerms(mse=mse, sparsity=(p * (1 + p / self.tanh_s)).sum(),
-                             l0=(out.latents > 0).to(x.dtype).sum(-1).mean())
+                             l0=torch.count_nonzero(out.latents).to(x.dtype) / B)  # latents are pre > 0 or 0
         dec_norm_sum = self.decoder_norms().sum(-1)  # [F]
         if out.active is not None:  # the sparse paths: the same sums over the active entries only
             a, B = out.active, x.shape[0]

@@ -206,6 +206,7 @@ class PaperEntries(NamedTuple):
 
     cand_rows: torch.Tensor  # [C] token of each candidate pair
     cand_cols: torch.Tensor  # [C] latent of each candidate pair
+    cand_pre: torch.Tensor  # [C] pre of each candidate pair
     cand: torch.Tensor  # [N] the candidate each entry came from
     rows: torch.Tensor  # [N]
     snaps: torch.Tensor  # [N]
@@ -229,29 +230,37 @@ def paper_candidates(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Te
 
 def paper_entries(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
                   candidates: torch.Tensor) -> PaperEntries:
-    """The kept entries (open or in the window) of the candidate pairs, ordered by (token, snapshot); tested with the
-    dense path's own float32 expressions (``_forward_paper`` and ``_JumpStep`` in model.py), so the set is exact."""
-    S = norms.shape[1]
+    """The kept entries (open or in the window) of the candidate pairs, ordered by (token, snapshot, latent); tested
+    with the dense path's own float32 expressions (``_forward_paper`` and ``_JumpStep`` in model.py), so the set is
+    exact. Each token's candidates are laid out padded to the most any token has, [tokens, S, M], so that ``nonzero``
+    lists the entries in bag order without a sort (in blocks of tokens of at most _EXPAND_CHUNK elements)."""
+    B, S = pre.shape[0], norms.shape[1]
     cand_rows, cand_cols = candidates.nonzero(as_tuple=True)
     cand_pre = pre[cand_rows, cand_cols]
+    counts = torch.bincount(cand_rows, minlength=B)
+    M = int(counts.max()) if B else 0
+    first = torch.cumsum(counts, 0) - counts  # [B] each token's first candidate
+    slot = torch.arange(M, device=pre.device)
+    norms_t = norms.T.contiguous()  # [S, F]
     parts = []
-    step = max(1, _EXPAND_CHUNK // S)
-    for i in range(0, len(cand_rows), step):
-        c = cand_cols[i:i + step]
-        g = cand_pre[i:i + step, None] * norms[c]  # [n, S]
-        t = threshold[c][:, None]
+    step = max(1, _EXPAND_CHUNK // max(1, S * M))
+    for b0 in range(0, B if M else 0, step):
+        idx = first[b0:b0 + step, None] + slot  # [n, M] candidate of each slot
+        valid = slot < counts[b0:b0 + step, None]
+        idx = torch.where(valid, idx, 0)
+        c, p = cand_cols[idx], cand_pre[idx]  # [n, M]
+        g = p[:, None, :] * norms_t[:, c].transpose(0, 1)  # [n, S, M]
+        t = threshold[c][:, None, :]
         open_, window = g > t, (g - t).abs() < bandwidth / 2
-        ci, si = (open_ | window).nonzero(as_tuple=True)
-        parts.append((ci + i, si, open_[ci, si], window[ci, si]))
+        bi, si, mi = ((open_ | window) & valid[:, None, :]).nonzero(as_tuple=True)
+        parts.append((idx[bi, mi], si, open_[bi, si, mi], window[bi, si, mi]))
     if parts:
-        cand, snaps, open_, window = (torch.cat(p) for p in zip(*parts))
+        cand, snaps, open_, window = (torch.cat(q) for q in zip(*parts)) if len(parts) > 1 else parts[0]
     else:
         empty = torch.zeros(0, dtype=torch.long, device=pre.device)
         cand, snaps, open_, window = empty, empty, empty.bool(), empty.bool()
-    rows = cand_rows[cand]
-    order = torch.argsort(rows * S + snaps, stable=True)  # (token, latent, snapshot) -> (token, snapshot) bags
-    cand, snaps, open_, window, rows = cand[order], snaps[order], open_[order], window[order], rows[order]
-    return PaperEntries(cand_rows, cand_cols, cand, rows, snaps, cand_cols[cand], cand_pre[cand], open_, window)
+    return PaperEntries(cand_rows, cand_cols, cand_pre, cand, cand_rows[cand], snaps, cand_cols[cand], cand_pre[cand], open_,
+                        window)
 
 
 class _PaperEncode(torch.autograd.Function):
@@ -281,7 +290,8 @@ class _PaperEncode(torch.autograd.Function):
 def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                   b_dec: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> tuple[PaperActive, torch.Tensor, torch.Tensor]:
     """(entries with differentiable values; reconstruction [B, S, D]; latents [B, F] = max over snapshots of the
-    code, clamped at 0, as the dense path's ``latents``)."""
+    code, clamped at 0, as the dense path's ``latents``: pre where open at some snapshot, else 0. No loss term reads
+    ``latents``, and here it carries no gradient.)"""
     B = x.shape[0]
     F_, S, D = W_dec.shape
     values = _PaperEncode.apply(x.reshape(B, -1), W_enc.reshape(-1, F_), b_enc, threshold, e, bandwidth)
@@ -289,6 +299,8 @@ def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: 
     # one bag per (token, snapshot) over the rows W_dec[i, s] of its entries
     recon = F.embedding_bag(active.cols * S + active.snaps, W_dec.reshape(F_ * S, D), active.offsets, mode="sum",
                             per_sample_weights=values.to(W_dec.dtype))
-    latents = torch.zeros(B * F_, dtype=values.dtype, device=values.device).scatter_reduce(
-        0, active.rows * F_ + active.cols, values, "amax", include_self=True).view(B, F_)
+    with torch.no_grad():
+        any_open = torch.zeros(len(e.cand_rows), dtype=torch.bool, device=x.device).index_fill_(0, e.cand[e.open], True)
+        latents = torch.zeros(B, F_, dtype=values.dtype, device=x.device).index_put_(
+            (e.cand_rows[any_open], e.cand_cols[any_open]), e.cand_pre[any_open].to(values.dtype))
     return active, recon.view(B, S, D) + b_dec, latents
