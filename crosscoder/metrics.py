@@ -55,6 +55,9 @@ class FeatureFiring(Metric):
     """Tokens since each latent last fired; a latent is dead once that passes ``window`` tokens.
 
     Latents start "fresh" (0), so a run is never called dead before it has seen ``window`` tokens.
+    Under DDP the tokens are global: each ``update`` sums the batch's token count and firing counts over
+    all ranks (one all-reduce of F + 1 numbers), so the window is ``window`` tokens of the whole run, not of
+    each rank, and every rank holds the same state. Every rank must therefore call ``update`` in step.
     """
 
     full_state_update = False
@@ -62,17 +65,23 @@ class FeatureFiring(Metric):
     def __init__(self, d_sae: int, window: int = 1_000_000, **kwargs):
         super().__init__(**kwargs)
         self.window = window
-        self.add_state("since_fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="min")
-        self.add_state("fired_count", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        # already global and identical on every rank: a sync keeps them as they are
+        self.add_state("since_fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("fired_count", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
 
     def update(self, latents: torch.Tensor) -> None:
-        """latents: [B, F]."""
-        fired = (latents.detach() > 0).sum(0).double()
-        self.since_fired += latents.shape[0]
+        """latents: [B, F] of this rank's batch."""
+        counts = torch.cat([(latents.detach() > 0).sum(0).double(),
+                            torch.tensor([latents.shape[0]], dtype=torch.float64, device=latents.device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size(self.process_group) > 1:
+            torch.distributed.all_reduce(counts, group=self.process_group)
+        fired, n_tokens = counts[:-1], counts[-1]
+        self.since_fired += n_tokens
         self.since_fired[fired > 0] = 0
         self.fired_count += fired
-        self.tokens += latents.shape[0]
+        self.tokens += n_tokens
 
     def compute(self) -> torch.Tensor:
         """Dead fraction."""

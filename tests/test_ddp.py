@@ -19,19 +19,36 @@ FINGERPRINT = torch.linspace(1, 2, 16, dtype=torch.float64)
 
 
 class RecordRank(L.Callback):
-    """Writes, per rank, a fingerprint of every training token it saw and a digest of its final weights."""
+    """Writes, per rank, a fingerprint of every training token it saw and a digest of its final weights;
+    also how many tokens it trained on, which latents fired in each of its batches (as the dead-feature
+    metric was handed them) and that metric's final state."""
 
     def __init__(self, out: str, batches: int):
         self.out, self.batches, self.seen = Path(out), batches, []
+        self.n_tokens, self.fired = 0, []
+
+    def on_train_start(self, trainer, pl_module):
+        firing = pl_module.dict_metrics[0].firing
+        update = firing.update
+
+        def recording_update(latents):
+            self.fired.append((latents.detach() > 0).any(0).cpu().numpy())
+            update(latents)
+        firing.update = recording_update
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.n_tokens += batch.shape[0]
         if batch_idx < self.batches:
             self.seen.append((batch[:, 0].double() @ FINGERPRINT).cpu().numpy())
 
     def on_train_end(self, trainer, pl_module):
         w = pl_module.crosscoder.W_dec.detach().double()
-        np.save(self.out / f"rank{trainer.global_rank}_tokens.npy", np.concatenate(self.seen))
-        np.save(self.out / f"rank{trainer.global_rank}_W_dec.npy", w.numpy())
+        rank = trainer.global_rank
+        np.save(self.out / f"rank{rank}_tokens.npy", np.concatenate(self.seen))
+        np.save(self.out / f"rank{rank}_W_dec.npy", w.numpy())
+        firing = pl_module.dict_metrics[0].firing
+        np.savez(self.out / f"rank{rank}_firing.npz", n_tokens=self.n_tokens, fired=np.stack(self.fired),
+                 counted=firing.tokens.item(), since_fired=firing.since_fired.cpu().numpy())
 
 
 def run(args, cwd):
@@ -66,6 +83,20 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert len(seen) == len(single) == epoch_tokens
     np.testing.assert_allclose(np.sort(seen), np.sort(single), rtol=1e-6)  # same tokens, each exactly once
     assert len(np.unique(np.round(seen, 5))) == len(np.unique(np.round(single, 5)))
+
+    # the dead-feature window counts the tokens of both ranks (issue 13): the state on each rank holds the
+    # tokens the two ranks trained on together, and each latent's silence since it last fired on either
+    firing = [np.load(ddp_dir / f"rank{r}_firing.npz") for r in (0, 1)]
+    both = firing[0]["n_tokens"] + firing[1]["n_tokens"]
+    assert both == 90 * 64
+    assert firing[0]["counted"] == firing[1]["counted"] == both
+    fired = firing[0]["fired"] | firing[1]["fired"]  # [steps, F]: fired on either rank at that step
+    assert fired.shape == (90, 32)
+    step_tokens = 64  # 32 per rank and step
+    silent = np.array([step_tokens * (90 - 1 - np.flatnonzero(fired[:, i]).max()) if fired[:, i].any()
+                       else 90 * step_tokens for i in range(32)], dtype=np.float64)
+    np.testing.assert_array_equal(firing[0]["since_fired"], silent)
+    np.testing.assert_array_equal(firing[1]["since_fired"], silent)
 
     a = json.loads((ddp_dir / "metrics.json").read_text())
     b = json.loads((single_dir / "metrics.json").read_text())
