@@ -19,6 +19,7 @@ from data.format import from_storage, iter_samples
 from data.live import LiveActivationDataModule, SnapshotModels
 from data.snapshots import load_tokenizer
 from tests.conftest import ROOT, write_neox_suite
+from tests.test_ddp import FINGERPRINT, RecordRank
 from tests.test_resume import run_train
 
 CTX = 24  # tokens per window; 23 enter the stream (drop_first=1)
@@ -195,3 +196,33 @@ def test_paper_tiny_composes_live_and_analyze_reads_the_run(suite, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "analysis").is_dir()
+
+
+class RecordLiveRank(RecordRank):
+    """RecordRank for this suite's width (32): the first 16 values of snapshot 0 fingerprint a token."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx < self.batches:
+            self.seen.append((batch[:, 0, :len(FINGERPRINT)].double() @ FINGERPRINT).cpu().numpy())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_distinct_windows_through_train_py(suite, tmp_path):
+    """Two gloo processes: each rank's batches are the single process's alternate windows, weights agree."""
+    common = [*LIVE_ARGS, f"model.repo={suite}", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"corpus.cache_dir={suite / 'hf'}", "data.batch_size=23", "data.block_tokens=23", "logger=none",
+              "trainer.val_check_interval=10", "+callbacks.record._target_=tests.test_live.RecordLiveRank"]
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    for d in (ddp_dir, single_dir):
+        d.mkdir()
+    for args in ([f"hydra.run.dir={ddp_dir}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.max_steps=10", "+callbacks.record.batches=10", f"+callbacks.record.out={ddp_dir}"],
+                 [f"hydra.run.dir={single_dir}", "trainer.max_steps=20", "+callbacks.record.batches=20",
+                  f"+callbacks.record.out={single_dir}"]):
+        out = run_train([*common, *args], tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(ddp_dir / "rank0_W_dec.npy"), np.load(ddp_dir / "rank1_W_dec.npy"))
+    single = np.load(single_dir / "rank0_tokens.npy").reshape(20, 23)  # one window per batch
+    for rank in (0, 1):
+        seen = np.load(ddp_dir / f"rank{rank}_tokens.npy").reshape(10, 23)
+        np.testing.assert_allclose(seen, single[rank::2], rtol=1e-6)
