@@ -2,7 +2,8 @@
 
     python -m data.cache model=pythia160m corpus=slimpajama cache.n_tokens=100_000_000
 
-The corpus is cut into chunks of whole shards. For each chunk, each snapshot model is loaded in turn (one
+The corpus windows are tokenised first (into a small disk buffer), so a corpus too small for
+``cache.n_tokens`` stops with an error before any model runs. They are cut into chunks of whole shards. For each chunk, each snapshot model is loaded in turn (one
 model in memory at a time), runs every window of the chunk, and writes its slice ``[:, :, s, :]`` into an
 on-disk chunk buffer; once every snapshot is in, the chunk's shards are written. Progress is recorded after
 each snapshot of a chunk and after each chunk, so a killed run continues where it stopped: finished shards
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.corpus import Window
 from data.format import (DTYPES, FORMAT_VERSION, SHARD_NAME, FormatError, Manifest, RunningStats, ShardEntry,
                          ShardWriter, Snapshot, read_manifest, sha256_file, storage_dtype, to_storage,
                          write_atomic, write_manifest)
@@ -32,6 +34,7 @@ from data.snapshots import (activations, check_revisions, hook_point_name, load_
                             revision_step)
 
 PROGRESS = "progress.json"
+WINDOWS = "windows.buffer"  # the corpus windows of this run, tokenised up front (removed once the cache is done)
 
 
 def resolve_repo(model_cfg, cache_root: str | os.PathLike) -> str:
@@ -108,15 +111,44 @@ class ActivationCache:
         finally:
             gc.unfreeze()
 
+    def _corpus_windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every window the cache stores, tokenised up front: (tokens [N, context_length] int32, a disk buffer
+        of 4 bytes a token against S x D x 2 for the activations; (doc, start) [N, 2]).
+
+        A corpus with fewer than the N windows that cache.n_tokens needs stops here, before any model runs,
+        instead of leaving short or empty shards (the folder's key promises n_tokens).
+        """
+        ctx = self.model_cfg.context_length
+        tokenizer = load_tokenizer(self.repo, self.revisions[0])
+        path = self.folder / WINDOWS
+        tokens = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(self.n_windows, ctx))
+        where = np.zeros((self.n_windows, 2), dtype=np.int64)
+        n = 0
+        for w in self.corpus.windows(tokenizer, ctx, max_tokens=self.n_windows * ctx):
+            tokens[n], where[n] = w.tokens, (w.doc, w.start)
+            n += 1
+            if n == self.n_windows:
+                break
+        if n < self.n_windows:
+            del tokens
+            path.unlink()
+            if not any(self.folder.iterdir()):  # a fresh folder: leave no trace of the failed start
+                self.folder.rmdir()
+            corpus = ", ".join(f"{k}={v}" for k, v in self.corpus.config().items()
+                               if k in ("source", "name", "split", "max_docs") and v is not None)
+            raise ValueError(
+                f"corpus too small for cache.n_tokens={self.cfg.n_tokens:,}: that needs {self.n_windows * ctx:,} "
+                f"corpus tokens ({self.n_windows:,} windows of {ctx}, {self.T} stored from each), the corpus "
+                f"({corpus}) holds {n * ctx:,} ({n:,} windows); set cache.n_tokens to at most {n * self.T:,} "
+                "or use a larger corpus")
+        tokens.flush()
+        return tokens, where
+
     def _run(self) -> Manifest:
         self.folder.mkdir(parents=True, exist_ok=True)
         progress = self._load_progress()
-        tokenizer = load_tokenizer(self.repo, self.revisions[0])
-        windows = self.corpus.windows(tokenizer, self.model_cfg.context_length,
-                                      max_tokens=self.n_windows * self.model_cfg.context_length)
+        tokens, where = self._corpus_windows()
         done_shards = len(progress["shards"])
-        for _ in range(done_shards * self.sps):  # the corpus is deterministic: skip what is cached
-            next(windows, None)
         S, D = len(self.revisions), self.model_cfg.d_model
         total = self.n_windows * self.T * S
         bar = tqdm(total=total, initial=min(done_shards * self.sps * self.T * S, total), unit="tok",
@@ -124,9 +156,9 @@ class ActivationCache:
         hook_point = None
         for first_shard in range(done_shards, self.n_shards, self.chunk_shards):
             n_shards = min(self.chunk_shards, self.n_shards - first_shard)
-            chunk = [w for _, w in zip(range(n_shards * self.sps), windows)]
-            if not chunk:
-                break
+            first = first_shard * self.sps
+            chunk = [Window(int(where[j, 0]), int(where[j, 1]), np.asarray(tokens[j]))
+                     for j in range(first, min(first + n_shards * self.sps, self.n_windows))]
             ids = torch.from_numpy(np.stack([w.tokens for w in chunk])).long()
             buffer_path = self.folder / f"chunk-{first_shard:06d}.buffer"
             buffer = np.lib.format.open_memmap(buffer_path, mode="r+" if buffer_path.exists() else "w+",
@@ -164,6 +196,8 @@ class ActivationCache:
             del buffer
             buffer_path.unlink()
         bar.close()
+        del tokens
+        (self.folder / WINDOWS).unlink()
         return self._finish(progress, hook_point)
 
     def _write_shard(self, index: int, buffer: np.ndarray, chunk: list, k: int) -> tuple[ShardEntry, RunningStats]:

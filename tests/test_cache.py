@@ -84,6 +84,32 @@ def test_same_config_reuses_and_another_config_gets_another_folder(suite, tmp_pa
     assert b != a and read_manifest(b).tokens_per_sample == 24
 
 
+def test_corpus_too_small_for_n_tokens_stops_before_any_model_runs(suite, tmp_path, monkeypatch):
+    import data.cache
+    from data.snapshots import load_tokenizer
+    tiny = TextCorpus("stdlib", max_docs=1, cache_dir=str(suite / "hf"))
+    have = len(list(tiny.windows(load_tokenizer(str(suite), "step0"), 24)))  # 24-token windows the corpus holds
+    assert 10 < have < 2000
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model ran on a corpus too small for cache.n_tokens")
+    with monkeypatch.context() as m:
+        m.setattr(data.cache, "load_snapshot", no_model)
+        m.setattr(data.cache, "activations", no_model)
+        n_tokens = have * 23 + 1  # one window more than the corpus holds (23 tokens stored per window)
+        message = (rf"^corpus too small for cache.n_tokens={n_tokens:,}: that needs {(have + 1) * 24:,} corpus "
+                   rf"tokens .* holds {have * 24:,} \({have:,} windows\); set cache.n_tokens to at most {have * 23:,}")
+        with pytest.raises(ValueError, match=message) as error:
+            ensure_cached(*configs(suite, n_tokens=n_tokens), tiny, tmp_path)
+        assert "\n" not in str(error.value) and "source=stdlib, split=train, max_docs=1" in str(error.value)
+        assert not list(tmp_path.glob("activations/*"))  # no shard, no stray folder
+    # exactly as many tokens as the corpus holds: every shard full but the last, which holds the rest
+    folder = ensure_cached(*configs(suite, n_tokens=have * 23), tiny, tmp_path)
+    m = read_manifest(folder)
+    assert m.n_tokens == have * 23 and [e.samples for e in m.shards] == [10] * (have // 10) + [have % 10] * (have % 10 > 0)
+    assert not list(folder.glob("*.buffer"))
+
+
 CACHE_SCRIPT = """
 import sys
 from omegaconf import OmegaConf
