@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -66,8 +67,22 @@ def ensure_cached(model_cfg, cache_cfg, corpus, cache_root: str | os.PathLike) -
     folder = cache_folder(model_cfg, cache_cfg, corpus, repo, cache_root)
     if (folder / "manifest.json").is_file():
         return folder
-    ActivationCache(folder, repo, model_cfg, cache_cfg, corpus).run()
+    cache = ActivationCache(folder, repo, model_cfg, cache_cfg, corpus)
+    cache.check_disk()
+    cache.run()
     return folder
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the file system that holds ``folder`` (or its nearest existing parent)."""
+    path = folder.resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 class ActivationCache:
@@ -85,6 +100,31 @@ class ActivationCache:
         self.chunk_shards = max(1, cache_cfg.chunk_tokens // (self.sps * self.T))
         self.device = cache_cfg.device if cache_cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model_dtype = getattr(torch, cache_cfg.model_dtype)
+
+    # ---- disk ----------------------------------------------------------------------------------------
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes this cache takes on disk at its peak: the shards (values plus about 2 KiB of tar and .npy
+        headers a window), one chunk buffer beside them, and the tokenised windows (4 bytes a token)."""
+        S, D, width = len(self.revisions), self.model_cfg.d_model, 4 if self.cfg.dtype == "float32" else 2
+        shards = self.n_windows * (self.T * S * D * width + 2048)
+        chunk = min(self.chunk_shards * self.sps, self.n_windows) * self.T * S * D * width
+        tokens = self.n_windows * self.model_cfg.context_length * 4
+        return {"shards": shards, "chunk_buffer": chunk, "tokens": tokens, "total": shards + chunk + tokens}
+
+    def check_disk(self) -> None:
+        """State the disk the cache needs before any work, and stop if the folder's file system lacks it."""
+        need = self.disk_bytes()
+        present = sum(p.stat().st_size for p in self.folder.iterdir()) if self.folder.is_dir() else 0
+        free = free_bytes(self.folder)
+        tqdm.write(f"caching {self.n_windows * self.T:,} tokens x {len(self.revisions)} snapshots x "
+                   f"{self.model_cfg.d_model} ({self.cfg.dtype}) needs {_gb(need['total'])} on disk in {self.folder} "
+                   f"({_gb(need['shards'])} of shards, {_gb(need['chunk_buffer'])} chunk buffer); "
+                   f"{_gb(free)} free")
+        if need["total"] - present > free:
+            raise FormatError(
+                f"{self.folder}: caching needs {_gb(need['total'] - present)} more on disk, only {_gb(free)} free; "
+                "train with data=live (no activations on disk), lower cache.n_tokens or cache.chunk_tokens, "
+                "or set paths.cache_dir to a larger disk")
 
     # ---- progress ----------------------------------------------------------------------------------
     def _load_progress(self) -> dict:

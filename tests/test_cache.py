@@ -197,3 +197,24 @@ def test_pythia_configs_resolve_offline(tmp_path):
         assert cfg.model.revisions[0] == "step0" and cfg.model.revisions[-1] == "step143000"
         check_revisions(cfg.model.repo, list(cfg.model.revisions))  # no download: the schedule is known
     assert cfg.model.repo == "EleutherAI/pythia-6.9b"
+
+
+def test_cache_states_its_disk_need_and_stops_when_the_disk_is_smaller(suite, tmp_path, monkeypatch, capsys):
+    import data.cache
+    from data.cache import ActivationCache, cache_folder
+    from data.format import FormatError
+    model_cfg, cache_cfg = configs(suite)
+    corpus = corpus_for(suite)
+    folder = cache_folder(model_cfg, cache_cfg, corpus, str(suite), tmp_path)
+    need = ActivationCache(folder, str(suite), model_cfg, cache_cfg, corpus).disk_bytes()
+    # 50 windows of 23 stored tokens x 2 snapshots x 32 x 4 bytes, 2 KiB of headers each; a chunk of 10 windows;
+    # 50 x 24 tokenised ids of 4 bytes
+    assert need == {"shards": 50 * (23 * 2 * 32 * 4 + 2048), "chunk_buffer": 10 * 23 * 2 * 32 * 4,
+                    "tokens": 50 * 24 * 4, "total": 50 * (23 * 2 * 32 * 4 + 2048) + 10 * 23 * 2 * 32 * 4 + 50 * 24 * 4}
+    monkeypatch.setattr(data.cache, "free_bytes", lambda folder: need["total"] - 1)
+    with pytest.raises(FormatError, match=r"caching needs 0\.5 MB more on disk, only 0\.5 MB free; train with data=live"):
+        ensure_cached(model_cfg, cache_cfg, corpus, tmp_path)
+    assert "needs 0.5 MB on disk" in capsys.readouterr().out
+    assert not folder.exists() or not list(folder.glob("*.tar"))
+    monkeypatch.setattr(data.cache, "free_bytes", lambda folder: need["total"])
+    assert read_manifest(ensure_cached(model_cfg, cache_cfg, corpus, tmp_path)).n_tokens == 1150
