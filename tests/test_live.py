@@ -17,7 +17,7 @@ from data.cache import ensure_cached
 from data.corpus import TextCorpus, heldout_documents
 from data.format import from_storage, iter_samples
 from data.live import LiveActivationDataModule, SnapshotModels
-from data.snapshots import load_tokenizer
+from data.snapshots import load_snapshot, load_tokenizer
 from tests.conftest import ROOT, write_neox_suite
 from tests.test_ddp import FINGERPRINT, RecordRank
 from tests.test_resume import run_train
@@ -64,6 +64,10 @@ def test_live_vectors_equal_the_cache_within_its_rounding(suite, tmp_path):
     # float16 keeps 11 significant bits: the cache is the live vector rounded, up to one float16 step
     torch.testing.assert_close(cached, acts, rtol=2 ** -10, atol=1e-4)
     assert not torch.equal(acts[:, :, 0], acts[:, :, 1])  # the snapshots differ, and each is in its own slot
+    rotated = SnapshotModels(str(suite), ["step0", "step1"], 1, "resid_post", 32, placement="rotate", forward_batch=5)
+    torch.testing.assert_close(rotated.run(torch.from_numpy(np.stack([w.tokens for w in windows[:6]])).long(), 1,
+                                           torch.float32), acts[:6], rtol=0, atol=0)
+    assert rotated.bytes == models.bytes < sum(p.numel() * 4 for p in load_snapshot(str(suite), "step0").parameters()) * 2
     for (_, tokens, _), w in zip(samples, windows):
         assert np.array_equal(tokens, w.tokens[1:])
 
