@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock
 
 from data.format import write_atomic
 
@@ -176,45 +177,51 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
     folder = Path(cache_dir) / "suites" / f"tiny-{key}"
     if (folder / SUITE_FILE).is_file():
         return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # an interrupted build restarts: it takes minutes
-    partial.mkdir(parents=True)
-    start = time.time()
-    L.seed_everything(seed, workers=True)
-    hf_cache = str(Path(cache_dir) / "hf_datasets")
-    train_corpus = TextCorpus("stdlib", split="train", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
-    val_corpus = TextCorpus("stdlib", split="validation", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
-    tokenizer = train_tokenizer([t for _, t in train_corpus.texts()], vocab_size)
-    train_windows = duplicate_passages(tokenised_windows(train_corpus, tokenizer, context_length), duplicate_fraction,
-                                       seed, duplicate_period)
-    val_windows = tokenised_windows(val_corpus, tokenizer, context_length)[:64]
+    # One builder at a time: parallel jobs (a joblib multirun, two runs started together) wait for the first
+    # instead of deleting each other's partial build.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.with_name(folder.name + ".lock"))):
+        if (folder / SUITE_FILE).is_file():
+            return folder
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted build restarts: it takes minutes
+        partial.mkdir(parents=True)
+        start = time.time()
+        L.seed_everything(seed, workers=True)
+        hf_cache = str(Path(cache_dir) / "hf_datasets")
+        train_corpus = TextCorpus("stdlib", split="train", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
+        val_corpus = TextCorpus("stdlib", split="validation", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
+        tokenizer = train_tokenizer([t for _, t in train_corpus.texts()], vocab_size)
+        train_windows = duplicate_passages(tokenised_windows(train_corpus, tokenizer, context_length), duplicate_fraction,
+                                           seed, duplicate_period)
+        val_windows = tokenised_windows(val_corpus, tokenizer, context_length)[:64]
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        intermediate_size=4 * d_model, max_position_embeddings=max(context_length, 2048), rotary_pct=0.25,
-        use_parallel_residual=True, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id))
-    steps = checkpoint_schedule(max_steps, log_until, every)
-    sampler = torch.utils.data.RandomSampler(train_windows, replacement=True, num_samples=max_steps * batch_size,
-                                             generator=torch.Generator().manual_seed(seed))
-    loader = torch.utils.data.DataLoader(train_windows, batch_size=batch_size, sampler=sampler)
-    saver = SaveSchedule(partial, steps, tokenizer, val_windows)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[saver], deterministic=True)
-    trainer.fit(LanguageModelModule(model, lr, warmup_steps, max_steps), train_dataloaders=loader)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            intermediate_size=4 * d_model, max_position_embeddings=max(context_length, 2048), rotary_pct=0.25,
+            use_parallel_residual=True, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id))
+        steps = checkpoint_schedule(max_steps, log_until, every)
+        sampler = torch.utils.data.RandomSampler(train_windows, replacement=True, num_samples=max_steps * batch_size,
+                                                 generator=torch.Generator().manual_seed(seed))
+        loader = torch.utils.data.DataLoader(train_windows, batch_size=batch_size, sampler=sampler)
+        saver = SaveSchedule(partial, steps, tokenizer, val_windows)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=[saver], deterministic=True)
+        trainer.fit(LanguageModelModule(model, lr, warmup_steps, max_steps), train_dataloaders=loader)
 
-    # "steps"/"loss" (validation at the checkpoints) is the pair analysis tools read as the suite's curve
-    curve = {"steps": saver.curve["val_step"], "loss": saver.curve["val_loss"], **saver.curve,
-             "tokens_per_step": batch_size * context_length}
-    write_atomic(partial / "loss_curve.json", json.dumps(curve))
-    plot_loss_curve(curve, partial / "loss_curve.png")
-    summary = {"config": config, "revisions": [f"step{s}" for s in steps], "steps": steps,
-               "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": int(train_windows.numel()),
-               "build_seconds": round(time.time() - start, 1),
-               "val_loss": dict(zip((f"step{s}" for s in saver.curve["val_step"]), saver.curve["val_loss"]))}
-    write_atomic(partial / SUITE_FILE, json.dumps(summary, indent=1))
-    os.replace(partial, folder)
-    return folder
+        # "steps"/"loss" (validation at the checkpoints) is the pair analysis tools read as the suite's curve
+        curve = {"steps": saver.curve["val_step"], "loss": saver.curve["val_loss"], **saver.curve,
+                 "tokens_per_step": batch_size * context_length}
+        write_atomic(partial / "loss_curve.json", json.dumps(curve))
+        plot_loss_curve(curve, partial / "loss_curve.png")
+        summary = {"config": config, "revisions": [f"step{s}" for s in steps], "steps": steps,
+                   "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": int(train_windows.numel()),
+                   "build_seconds": round(time.time() - start, 1),
+                   "val_loss": dict(zip((f"step{s}" for s in saver.curve["val_step"]), saver.curve["val_loss"]))}
+        write_atomic(partial / SUITE_FILE, json.dumps(summary, indent=1))
+        os.replace(partial, folder)
+        return folder
 
 
 if __name__ == "__main__":
