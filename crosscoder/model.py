@@ -228,7 +228,7 @@ class Crosscoder(nn.Module):
                     entries = sparse.paper_entries(pre, norms, threshold, self.jumprelu_bandwidth, cand)
             if entries is not None and self.use_sparse(len(entries.rows) / (B * S)):
                 active, recon, latents = sparse.paper_forward(x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                                              self.log_threshold.exp(), self.jumprelu_bandwidth)
+                                                              self.log_threshold.exp(), norms, self.jumprelu_bandwidth)
                 return CrosscoderOutput(latents=latents, recon=recon, pre_acts=pre.detach(), active=active)
         norms = self.decoder_norms().T  # [S, F]
         gates = _step_ste(pre[:, None, :] * norms, self.log_threshold.exp(), self.jumprelu_bandwidth)
@@ -241,7 +241,7 @@ class Crosscoder(nn.Module):
         mse = (out.recon - x).pow(2).sum(dim=(1, 2)).mean()
         if isinstance(out.active, sparse.PaperActive):  # the tanh-quad penalty below, over the kept entries only
             a, (B, F_) = out.active, out.latents.shape  # closed entries outside the window add tanh(0) = 0
-            contribution = a.values * self.decoder_norms()[a.cols, a.snaps]
+            contribution = a.values * a.norms  # ||W_dec[i, s]|| of each entry, with its gradient
             total = torch.zeros(F_, dtype=contribution.dtype, device=x.device).index_add(
                 0, a.cols, torch.tanh(self.tanh_c * contribution))
             p = total / (B * self.n_snapshots)

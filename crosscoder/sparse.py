@@ -50,24 +50,37 @@ def sparse_wins(d_sae: int, active_per_token: float) -> bool:
     return active_per_token <= MAX_DENSITY * d_sae
 
 
+# Below this many elements of W_enc (16 MB in float32) its gradient is formed row-major, one embedding_bag row per
+# latent, then transposed into W_enc's layout: at S*D=512, F=4096 that took 25 ms against 45 ms for the
+# column-major CSR product (one thread, 70 entries per token, batch 1024); at S*D=1024, F=8192 it lost, 78 to 53 ms.
+ROW_MAJOR_GRAD_MAX = 1 << 22
+
+
 def _encoder_grads(x_flat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor,
                    n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of W_enc [S*D, F] and b_enc [F] from grad_pre, given as its N non-zeros g at (rows, cols).
 
     grad_W = x^T grad_pre is formed as the CSR product grad_pre^T [F, B] x [B, S*D] written column-major, i.e.
     straight into the [S*D, F] layout of W_enc: a row-major product needs a transposing copy of 4*S*D*F bytes
-    afterwards (profiled: 0.67 vs 0.46 s at S*D=6144, F=16384, N=32768).
+    afterwards (profiled: 0.67 vs 0.46 s at S*D=6144, F=16384, N=32768). Small gradients (ROW_MAJOR_GRAD_MAX) are
+    the exception: there the row-major product (an embedding_bag over x's rows) and the copy are the faster pair.
     """
     g = g.to(x_flat.dtype)  # under autocast: in the dtype of the (fp32 master) weights
     order = torch.argsort(cols, stable=True)
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
-    crow[1:] = torch.bincount(cols, minlength=n_latents).cumsum(0)
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        grad_pre_t = torch.sparse_csr_tensor(crow, rows[order], g[order], (n_latents, x_flat.shape[0]),
-                                             check_invariants=False)
-    grad_W = torch.empty(x_flat.shape[1], n_latents, dtype=x_flat.dtype, device=x_flat.device)
-    torch.addmm(grad_W.t(), grad_pre_t, x_flat, beta=0, out=grad_W.t())
+    counts = torch.bincount(cols, minlength=n_latents)
+    if x_flat.shape[1] * n_latents <= ROW_MAJOR_GRAD_MAX:
+        offsets = torch.cumsum(counts, 0) - counts
+        grad_W_t = F.embedding_bag(rows[order], x_flat, offsets, mode="sum", per_sample_weights=g[order])
+        grad_W = grad_W_t.t().contiguous()
+    else:
+        crow = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
+        crow[1:] = counts.cumsum(0)
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            grad_pre_t = torch.sparse_csr_tensor(crow, rows[order], g[order], (n_latents, x_flat.shape[0]),
+                                                 check_invariants=False)
+        grad_W = torch.empty(x_flat.shape[1], n_latents, dtype=x_flat.dtype, device=x_flat.device)
+        torch.addmm(grad_W.t(), grad_pre_t, x_flat, beta=0, out=grad_W.t())
     grad_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
     return grad_W, grad_b
 
@@ -193,6 +206,7 @@ class PaperActive(NamedTuple):
     cols: torch.Tensor  # [N] latent
     values: torch.Tensor  # [N] f[row, snap, col]: pre where open, 0 for window entries
     offsets: torch.Tensor  # [B * S] position of each (token, snapshot)'s first entry
+    norms: torch.Tensor  # [N] ||W_dec[col, snap]||, differentiable w.r.t. W_dec (the penalty's weight)
 
     def snapshot_code(self, s: int, B: int, F_: int) -> torch.Tensor:
         """[B, F] the code that snapshot s decodes (``snapshot_latents[:, s]`` of the dense path)."""
@@ -287,18 +301,66 @@ class _PaperEncode(torch.autograd.Function):
         return None, grad_W, grad_b, grad_t, None, None
 
 
+def _per_entry_dot(grad: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, bags: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor:
+    """[N] <grad[bags[e]], weight[keys[e]]>: the gradient of an embedding_bag's per-sample weights."""
+    try:  # the fused kernel that embedding_bag's own backward uses (mode 0: sum)
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, weight, keys, offsets, bags, 0)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        step = 1 << 15
+        return torch.cat([(grad[bags[i:i + step]] * weight[keys[i:i + step]]).sum(-1)
+                          for i in range(0, len(keys), step)]) if len(keys) else grad.new_zeros(0)
+
+
+class _PaperDecode(torch.autograd.Function):
+    """recon [B*S, D]: one bag per (token, snapshot) ``bags`` over the rows ``keys`` = i * S + s of W_dec [F*S, D],
+    weighted by the entries' values; and the entries' decoder norms ||W_dec[i, s]|| [N] (taken from ``norms_flat``,
+    computed without gradient), differentiable w.r.t. W_dec as the dense path's ``decoder_norms()``.
+
+    Backward: W_dec's gradient is formed row by row in its own layout, one bag per row i * S + s over the entries
+    that decode it (an embedding_bag over grad_recon's rows), plus the norms' term grad_n / ||w|| * w (0 where the
+    norm is 0), in one pass over W_dec: no scatter into a zeroed gradient and no backward over every norm."""
+
+    @staticmethod
+    def forward(ctx, values, W_flat, norms_flat, keys, bags, offsets):
+        ctx.set_materialize_grads(False)
+        recon = F.embedding_bag(keys, W_flat, offsets, mode="sum", per_sample_weights=values.to(W_flat.dtype))
+        norms = norms_flat[keys]
+        ctx.save_for_backward(values, W_flat, keys, bags, offsets, norms)
+        return recon, norms
+
+    @staticmethod
+    def backward(ctx, grad_recon, grad_norms):
+        values, W, keys, bags, offsets, norms = ctx.saved_tensors
+        grad_values = grad_W = None
+        if grad_recon is not None:
+            grad_recon = grad_recon.contiguous()
+            grad_values = _per_entry_dot(grad_recon, W, keys, bags, offsets).to(values.dtype)
+            order = torch.argsort(keys, stable=True)
+            grad_W = F.embedding_bag(bags[order], grad_recon, _offsets(keys[order], W.shape[0]), mode="sum",
+                                     per_sample_weights=values[order].to(grad_recon.dtype))
+        if grad_norms is not None:
+            coef = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))
+            coef = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(0, keys, coef.to(W.dtype))
+            grad_W = W * coef[:, None] if grad_W is None else grad_W.addcmul_(W, coef[:, None])
+        return grad_values, grad_W, None, None, None, None
+
+
 def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                  b_dec: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> tuple[PaperActive, torch.Tensor, torch.Tensor]:
-    """(entries with differentiable values; reconstruction [B, S, D]; latents [B, F] = max over snapshots of the
-    code, clamped at 0, as the dense path's ``latents``: pre where open at some snapshot, else 0. No loss term reads
-    ``latents``, and here it carries no gradient.)"""
+                  b_dec: torch.Tensor, threshold: torch.Tensor, norms: torch.Tensor,
+                  bandwidth: float) -> tuple[PaperActive, torch.Tensor, torch.Tensor]:
+    """(entries with differentiable values and decoder norms; reconstruction [B, S, D]; latents [B, F] = max over
+    snapshots of the code, clamped at 0, as the dense path's ``latents``: pre where open at some snapshot, else 0.
+    No loss term reads ``latents``, and here it carries no gradient.) ``norms`` [F, S]: the decoder norms without
+    gradient, as the entries were found with."""
     B = x.shape[0]
     F_, S, D = W_dec.shape
     values = _PaperEncode.apply(x.reshape(B, -1), W_enc.reshape(-1, F_), b_enc, threshold, e, bandwidth)
-    active = PaperActive(e.rows, e.snaps, e.cols, values, _offsets(e.rows * S + e.snaps, B * S))
-    # one bag per (token, snapshot) over the rows W_dec[i, s] of its entries
-    recon = F.embedding_bag(active.cols * S + active.snaps, W_dec.reshape(F_ * S, D), active.offsets, mode="sum",
-                            per_sample_weights=values.to(W_dec.dtype))
+    bags = e.rows * S + e.snaps
+    offsets = _offsets(bags, B * S)
+    recon, entry_norms = _PaperDecode.apply(values, W_dec.reshape(F_ * S, D), norms.reshape(-1), e.cols * S + e.snaps,
+                                            bags, offsets)
+    active = PaperActive(e.rows, e.snaps, e.cols, values, offsets, entry_norms)
     with torch.no_grad():
         any_open = torch.zeros(len(e.cand_rows), dtype=torch.bool, device=x.device).index_fill_(0, e.cand[e.open], True)
         latents = torch.zeros(B, F_, dtype=values.dtype, device=x.device).index_put_(

@@ -142,3 +142,27 @@ def test_candidates_are_a_superset_of_the_kept_entries():
         want = sorted(zip(*(t.tolist() for t in keep.permute(0, 1, 2).nonzero(as_tuple=True))))
         assert list(zip(e.rows.tolist(), e.snaps.tolist(), e.cols.tolist())) == want  # (token, snapshot) order
         np.testing.assert_array_equal(e.open.numpy(), (g > threshold)[e.rows, e.snaps, e.cols].numpy())
+
+
+@pytest.mark.parametrize("which", ["recon", "sparsity"])
+def test_sparse_paper_gradients_of_one_output_alone(which):
+    """Backward from the reconstruction alone (no penalty), or from the penalty alone (no reconstruction)."""
+    dense, fast = pair(3, 8, 256, bias=-0.1)
+    x = torch.randn(30, 3, 8)
+    grads = []
+    for model in (dense, fast):
+        out = model(x)
+        loss = out.recon.pow(2).sum() if which == "recon" else model.loss_terms(x, out).sparsity
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "W_dec" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("row_major_max", [0, 1 << 40])
+def test_both_layouts_of_the_encoder_gradient(monkeypatch, row_major_max):
+    """W_enc's gradient as the column-major CSR product or row-major and transposed (sparse.ROW_MAJOR_GRAD_MAX)."""
+    monkeypatch.setattr(sparse, "ROW_MAJOR_GRAD_MAX", row_major_max)
+    dense, fast = pair(2, 8, 256, bias=-0.1)
+    run_both(dense, fast, torch.randn(24, 2, 8))
