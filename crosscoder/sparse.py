@@ -50,37 +50,24 @@ def sparse_wins(d_sae: int, active_per_token: float) -> bool:
     return active_per_token <= MAX_DENSITY * d_sae
 
 
-# Below this many elements of W_enc (16 MB in float32) its gradient is formed row-major, one embedding_bag row per
-# latent, then transposed into W_enc's layout: at S*D=512, F=4096 that took 25 ms against 45 ms for the
-# column-major CSR product (one thread, 70 entries per token, batch 1024); at S*D=1024, F=8192 it lost, 78 to 53 ms.
-ROW_MAJOR_GRAD_MAX = 1 << 22
-
-
 def _encoder_grads(x_flat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor,
                    n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of W_enc [S*D, F] and b_enc [F] from grad_pre, given as its N non-zeros g at (rows, cols).
 
     grad_W = x^T grad_pre is formed as the CSR product grad_pre^T [F, B] x [B, S*D] written column-major, i.e.
     straight into the [S*D, F] layout of W_enc: a row-major product needs a transposing copy of 4*S*D*F bytes
-    afterwards (profiled: 0.67 vs 0.46 s at S*D=6144, F=16384, N=32768). Small gradients (ROW_MAJOR_GRAD_MAX) are
-    the exception: there the row-major product (an embedding_bag over x's rows) and the copy are the faster pair.
+    afterwards (profiled: 0.67 vs 0.46 s at S*D=6144, F=16384, N=32768).
     """
     g = g.to(x_flat.dtype)  # under autocast: in the dtype of the (fp32 master) weights
     order = torch.argsort(cols, stable=True)
-    counts = torch.bincount(cols, minlength=n_latents)
-    if x_flat.shape[1] * n_latents <= ROW_MAJOR_GRAD_MAX:
-        offsets = torch.cumsum(counts, 0) - counts
-        grad_W_t = F.embedding_bag(rows[order], x_flat, offsets, mode="sum", per_sample_weights=g[order])
-        grad_W = grad_W_t.t().contiguous()
-    else:
-        crow = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
-        crow[1:] = counts.cumsum(0)
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            grad_pre_t = torch.sparse_csr_tensor(crow, rows[order], g[order], (n_latents, x_flat.shape[0]),
-                                                 check_invariants=False)
-        grad_W = torch.empty(x_flat.shape[1], n_latents, dtype=x_flat.dtype, device=x_flat.device)
-        torch.addmm(grad_W.t(), grad_pre_t, x_flat, beta=0, out=grad_W.t())
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
+    crow[1:] = torch.bincount(cols, minlength=n_latents).cumsum(0)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        grad_pre_t = torch.sparse_csr_tensor(crow, rows[order], g[order], (n_latents, x_flat.shape[0]),
+                                             check_invariants=False)
+    grad_W = torch.empty(x_flat.shape[1], n_latents, dtype=x_flat.dtype, device=x_flat.device)
+    torch.addmm(grad_W.t(), grad_pre_t, x_flat, beta=0, out=grad_W.t())
     grad_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
     return grad_W, grad_b
 

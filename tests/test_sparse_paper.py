@@ -159,10 +159,3 @@ def test_sparse_paper_gradients_of_one_output_alone(which):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
-
-@pytest.mark.parametrize("row_major_max", [0, 1 << 40])
-def test_both_layouts_of_the_encoder_gradient(monkeypatch, row_major_max):
-    """W_enc's gradient as the column-major CSR product or row-major and transposed (sparse.ROW_MAJOR_GRAD_MAX)."""
-    monkeypatch.setattr(sparse, "ROW_MAJOR_GRAD_MAX", row_major_max)
-    dense, fast = pair(2, 8, 256, bias=-0.1)
-    run_both(dense, fast, torch.randn(24, 2, 8))
