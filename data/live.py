@@ -112,10 +112,13 @@ class SnapshotModels:
                 m.to(self.device)
 
     @torch.no_grad()
-    def run(self, ids: torch.Tensor, drop_first: int, out_dtype: torch.dtype) -> torch.Tensor:
-        """[W, T - drop_first, S, D] activations (``out_dtype``, on the device) of windows ``ids`` [W, T]."""
+    def run(self, ids: torch.Tensor, drop_first: int, out_dtype: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """[W, T - drop_first, S, D] activations (``out_dtype``, on the device) of windows ``ids`` [W, T],
+        written into ``out`` when given."""
         W, T = ids.shape
-        out = torch.empty((W, T - drop_first, len(self.models), self.d_model), dtype=out_dtype, device=self.device)
+        if out is None:
+            out = torch.empty((W, T - drop_first, len(self.models), self.d_model), dtype=out_dtype, device=self.device)
         ids = ids.to(self.device)
         for s, model in enumerate(self.models):
             if self.placement == "rotate":
@@ -302,16 +305,18 @@ class LiveActivationDataModule(L.LightningDataModule):
         the window the previous block ended in, reused when this block starts in it."""
         M, T = self.block_tokens, self.T
         g0, g1 = k * M // T, ((k + 1) * M - 1) // T  # windows covering the block, inclusive
-        parts = []
+        offset = k * M - g0 * T
+        # one buffer for the block, written in place: no second copy of it at any time
+        acts = torch.empty((g1 - g0 + 1, T, self.n_snapshots, self.d_model), dtype=self.buffer_dtype,
+                           device=self.models.device)
+        first = 0
         if carried is not None and carried[0] == g0:
-            parts.append(carried[1])
-            g0 += 1
+            acts[0] = carried[1][0]
+            first, g0 = 1, g0 + 1
         if g1 >= g0:
             assert first_window == g0, (first_window, g0)
             ids = torch.from_numpy(np.stack(list(islice(windows, g1 - g0 + 1)))).long()
-            parts.append(self.models.run(ids, self.drop_first, self.buffer_dtype))
-        acts = torch.cat(parts) if len(parts) > 1 else parts[0]  # [windows, T, S, D]
-        offset = k * M - (k * M // T) * T
+            self.models.run(ids, self.drop_first, self.buffer_dtype, out=acts[first:])
         last = (g1, acts[-1:].clone())  # a copy: a view would keep the whole block alive
         return acts.flatten(0, 1)[offset:offset + M], last
 
@@ -331,7 +336,8 @@ class LiveActivationDataModule(L.LightningDataModule):
                 order = torch.randperm(len(tokens), generator=gen).to(tokens.device)
             for b in range(skip, per_block):
                 idx = slice(b * self.batch_size, (b + 1) * self.batch_size)
-                yield (tokens[order[idx]] if shuffle else tokens[idx]).float()
+                # a gather or a copy, never a view: a batch held by the loop must not keep the block alive
+                yield tokens[order[idx]].float() if shuffle else tokens[idx].to(torch.float32, copy=True)
             del tokens  # before the next block is built: one block in memory at a time
             skip, k = 0, k + 1
 
