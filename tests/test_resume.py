@@ -58,10 +58,11 @@ def test_resumed_loader_continues_the_uninterrupted_batch_sequence(tmp_path, wor
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, workers):
     data = write_toy_dataset(tmp_path / "toy", n_samples=60)
-    # checkpoints at odd steps: with 2 workers an even number of consumed batches resumed right even before
-    # the round-robin fix (issue 13)
-    args = [a for a in ARGS if not a.startswith("callbacks.checkpoint.")]
-    args += ["callbacks.checkpoint.every_n_train_steps=37", f"data.num_workers={workers}"]
+    # 120 steps of 64 tokens: about 5 epochs of the 5 train shards. Checkpoints at odd steps: with 2 workers
+    # an even number of consumed batches resumed right even before the round-robin fix (issue 13)
+    args = [a for a in ARGS if not a.startswith(("callbacks.checkpoint.", "trainer."))]
+    args += ["trainer.max_steps=120", "trainer.val_check_interval=60", "callbacks.checkpoint.every_n_train_steps=37",
+             f"data.num_workers={workers}"]
     full = run_train([f"data.path={data}", *args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -75,13 +76,13 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, workers):
     proc.wait()
     assert last.exists() and not (run_dir / "metrics.json").exists(), "the run must die part-way"
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < killed_at < 300 and killed_at % 2 == 1, killed_at
+    assert 0 < killed_at < 120 and killed_at % 2 == 1, killed_at
 
     resumed = run_train([f"data.path={data}", *args, f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
-    assert b["steps"] == a["steps"] == 300
+    assert b["steps"] == a["steps"] == 120
     for key in ["val/explained_variance", "val/l0", "val/mse", "val/dead_fraction"]:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     wa = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
