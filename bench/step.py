@@ -280,7 +280,8 @@ def paper_bench(quick: bool, repeats: int = 3) -> None:
     for r in rows:
         print(f"{r['shape']:22}{r['batch']:>6}  {r['variant']:20}{'sparse' if r['sparse_path'] else 'dense':>7}"
               f"{r['seconds']:>8.3f}{r['tokens_per_s']:>9,.0f}{r['transient_bytes'] / 2**20:>9,.0f} MiB"
-              + (f"{r['open_per_snapshot']:>10.1f}{r['window_per_snapshot']:>12.2f}{r['l0']:>7.1f}" if 'l0' in r else ""))
+              + (f"{r['open_per_snapshot']:>10.1f}{r['window_per_snapshot']:>12.2f}{r['l0']:>7.1f}"
+                 if "l0" in r else ""))
     by = {(r["shape"], r["variant"]): r for r in rows}
     (s1, _), (s2, _) = [(f"S={S} D={D} F={F}", B) for (S, D, F), B, _ in plans]
     sp, de = by[s1, "paper sparse"], by[s1, "paper dense"]

@@ -36,7 +36,8 @@ class CrosscoderOutput(NamedTuple):
 
     def snapshot_code(self, s: int) -> torch.Tensor:
         """[B, F] the code that snapshot s decodes: ``latents`` for every activation but "paper", whose per-snapshot
-        gates give each snapshot its own code (``snapshot_latents[:, s]``; on its sparse path formed from the entries)."""
+        gates give each snapshot its own code (``snapshot_latents[:, s]``; on its sparse path formed from the
+        entries)."""
         if self.snapshot_latents is not None:
             return self.snapshot_latents[:, s]
         if isinstance(self.active, sparse.PaperActive):
@@ -227,8 +228,9 @@ class Crosscoder(nn.Module):
                 if self.sparse or torch.count_nonzero(cand).item() <= sparse.PAPER_MAX_CANDIDATES * F_ * B:
                     entries = sparse.paper_entries(pre, norms, threshold, self.jumprelu_bandwidth, cand)
             if entries is not None and self.use_sparse(len(entries.rows) / (B * S)):
-                active, recon, latents = sparse.paper_forward(x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                                              self.log_threshold.exp(), norms, self.jumprelu_bandwidth)
+                active, recon, latents = sparse.paper_forward(
+                    x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.log_threshold.exp(), norms,
+                    self.jumprelu_bandwidth)
                 return CrosscoderOutput(latents=latents, recon=recon, pre_acts=pre.detach(), active=active)
         norms = self.decoder_norms().T  # [S, F]
         gates = _step_ste(pre[:, None, :] * norms, self.log_threshold.exp(), self.jumprelu_bandwidth)

@@ -203,7 +203,7 @@ class PaperActive(NamedTuple):
 
 
 class PaperEntries(NamedTuple):
-    """What ``paper_entries`` finds (no gradient): candidate (token, latent) pairs and the entries expanded from them."""
+    """What ``paper_entries`` finds (no gradient): candidate (token, latent) pairs, the entries expanded from them."""
 
     cand_rows: torch.Tensor  # [C] token of each candidate pair
     cand_cols: torch.Tensor  # [C] latent of each candidate pair
@@ -260,8 +260,8 @@ def paper_entries(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tenso
     else:
         empty = torch.zeros(0, dtype=torch.long, device=pre.device)
         cand, snaps, open_, window = empty, empty, empty.bool(), empty.bool()
-    return PaperEntries(cand_rows, cand_cols, cand_pre, cand, cand_rows[cand], snaps, cand_cols[cand], cand_pre[cand], open_,
-                        window)
+    return PaperEntries(cand_rows, cand_cols, cand_pre, cand, cand_rows[cand], snaps, cand_cols[cand], cand_pre[cand],
+                        open_, window)
 
 
 class _PaperEncode(torch.autograd.Function):
@@ -280,7 +280,8 @@ class _PaperEncode(torch.autograd.Function):
     def backward(ctx, grad_values):
         x_flat, threshold, cand_rows, cand_cols, cand, cols, pre, open_, window = ctx.saved_tensors
         g = grad_values
-        grad_pre = torch.zeros(len(cand_rows), dtype=g.dtype, device=g.device).index_add_(0, cand, g * open_.to(g.dtype))
+        grad_pre = torch.zeros(len(cand_rows), dtype=g.dtype, device=g.device).index_add_(
+            0, cand, g * open_.to(g.dtype))
         grad_W, grad_b = _encoder_grads(x_flat, cand_rows, cand_cols, grad_pre, ctx.n_latents)
         # as _JumpStep.backward: d/dt of the gate is -window / bandwidth, times dL/dgate = dL/df * pre
         step = -(g * pre) * window.to(g.dtype) / ctx.bandwidth

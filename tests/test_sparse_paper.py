@@ -122,7 +122,8 @@ def test_the_batch_density_chooses_the_paper_path():
         assert (out.latents > 0).sum(-1).float().mean().item() == pytest.approx(open_per_snapshot, rel=0.2)
     assert Crosscoder(S, 8, F, activation="paper", sparse=False)(x).active is None
     # the preset's straight-through window (bandwidth 2 around t = 0.1) holds every entry at init: dense
-    assert Crosscoder(S, 8, F, activation="paper", jumprelu_init_threshold=0.1, jumprelu_bandwidth=2.0)(x).active is None
+    preset = Crosscoder(S, 8, F, activation="paper", jumprelu_init_threshold=0.1, jumprelu_bandwidth=2.0)
+    assert preset(x).active is None
 
 
 def test_candidates_are_a_superset_of_the_kept_entries():
