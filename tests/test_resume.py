@@ -30,6 +30,18 @@ def run_train(args, cwd, wait=True):
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def kill_at_first_checkpoint(proc: subprocess.Popen, run_dir, timeout: float = 180):
+    """SIGKILL a training process as soon as it has written checkpoints/last.ckpt; that checkpoint's path."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + timeout
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (run_dir / "metrics.json").exists(), "the run must die part-way"
+    return last
+
+
 def batches(dm: ActivationDataModule, n: int) -> torch.Tensor:
     out = []
     for i, batch in enumerate(dm.train_dataloader()):
@@ -67,14 +79,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, workers):
     assert full.returncode == 0, full.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    proc = run_train([f"data.path={data}", *args, f"hydra.run.dir={run_dir}"], tmp_path, wait=False)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not (run_dir / "metrics.json").exists(), "the run must die part-way"
+    last = kill_at_first_checkpoint(run_train([f"data.path={data}", *args, f"hydra.run.dir={run_dir}"], tmp_path,
+                                              wait=False), run_dir)
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_at < 120 and killed_at % 2 == 1, killed_at
 
