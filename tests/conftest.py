@@ -18,10 +18,15 @@ from data.format import DatasetWriter, Snapshot  # noqa: E402
 
 def write_toy_dataset(folder: Path, *, n_samples: int = 40, tokens_per_sample: int = 32, n_snapshots: int = 3,
                       d_model: int = 16, n_features: int = 48, samples_per_shard: int = 10,
-                      dtype: str = "float32", seed: int = 0) -> Path:
+                      dtype: str = "float32", seed: int = 0, tag_tokens: bool = False) -> Path:
     """Sparse codes over random directions; snapshot s sees the same code with its direction set
     scaled by (s + 1), so a token's activations are aligned across snapshots in a checkable way:
-    acts[:, s] == (s + 1) * acts[:, 0]. Token ids count up globally, so every token is identifiable."""
+    acts[:, s] == (s + 1) * acts[:, 0]. Token ids count up globally, so every token is identifiable.
+
+    ``tag_tokens=True`` overwrites dimension 0 with a value that names the token and the snapshot:
+    acts[t, s, 0] == token_id * n_snapshots + s (exact in float32; see ``token_tags``), so a batch row
+    whose snapshots come from different tokens, or whose snapshot axis is permuted, shows. The (s + 1)
+    relation then holds on dimensions 1: only."""
     rng = np.random.default_rng(seed)
     dirs = rng.standard_normal((n_features, d_model))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
@@ -34,8 +39,19 @@ def write_toy_dataset(folder: Path, *, n_samples: int = 40, tokens_per_sample: i
             base = code @ dirs + 0.01 * rng.standard_normal((tokens_per_sample, d_model))
             acts = np.stack([(s + 1) * base for s in range(n_snapshots)], axis=1)
             tokens = np.arange(i * tokens_per_sample, (i + 1) * tokens_per_sample, dtype=np.int32)
+            if tag_tokens:
+                acts[:, :, 0] = tokens[:, None] * n_snapshots + np.arange(n_snapshots)[None, :]
             writer.write(acts.astype(np.float32), tokens, doc=i, start=0)
     return folder
+
+
+def token_tags(batch, n_snapshots: int):
+    """(token id, snapshot index) [B, S'] of each row and snapshot of a batch from a ``tag_tokens`` dataset."""
+    import torch
+    tag = torch.as_tensor(batch)[:, :, 0].double()
+    assert torch.equal(tag, tag.round()), "tags are whole numbers: the row is not a tagged token"
+    tag = tag.long()
+    return tag // n_snapshots, tag % n_snapshots
 
 
 def write_neox_suite(root: Path, n_revisions: int = 2) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from data.datamodule import ActivationDataModule
 from data.format import DatasetWriter, FormatError, Snapshot, iter_samples, npy_bytes, read_manifest, sha256_file
-from tests.conftest import write_toy_dataset
+from tests.conftest import token_tags, write_toy_dataset
 
 
 def all_batches(dm: ActivationDataModule, train: bool, n: int | None = None) -> torch.Tensor:
@@ -51,13 +51,26 @@ def test_shard_round_trip(tmp_path, dtype):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_tokens_stay_aligned_across_snapshots_through_the_shuffle(toy_dataset):
-    dm = ActivationDataModule(toy_dataset, batch_size=64, shuffle_buffer=256, val_shards=1, num_workers=0)
+def test_tokens_stay_aligned_across_snapshots_through_the_shuffle(tmp_path):
+    # every snapshot of a token carries its own value, (token id, s): a row that mixes tokens across
+    # snapshots, or permutes the snapshot axis, cannot pass (with acts[:, s] = (s + 1) * acts[:, 0] alone it could)
+    data = write_toy_dataset(tmp_path / "tagged", tag_tokens=True)
+    dm = ActivationDataModule(data, batch_size=64, shuffle_buffer=256, val_shards=1, num_workers=0)
     dm.setup()
     batch = all_batches(dm, train=True, n=20)  # 1280 tokens: more than one pass over the 3 train shards
     assert batch.shape == (1280, 3, 16) and batch.dtype == torch.float32
-    for s in range(3):  # the toy data has acts[:, s] == (s + 1) * acts[:, 0] for each token
-        torch.testing.assert_close(batch[:, s], (s + 1) * batch[:, 0], rtol=1e-5, atol=1e-5)
+    token, snapshot = token_tags(batch, 3)
+    assert (token == token[:, :1]).all(), "a batch row holds snapshots of different tokens"
+    assert (snapshot == torch.arange(3)).all(), "the snapshot axis is out of order"
+    assert len(token[:, 0].unique()) > 900 and token.max() < 960  # many distinct training tokens, none held out
+    assert not torch.equal(token[:960, 0], token[:960, 0].sort().values)  # and they were shuffled
+    for s in range(3):  # the rest of the vector: acts[:, s] == (s + 1) * acts[:, 0]
+        torch.testing.assert_close(batch[:, s, 1:], (s + 1) * batch[:, 0, 1:], rtol=1e-5, atol=1e-5)
+    # a snapshot subset in another order keeps the alignment and the order asked for
+    dm = ActivationDataModule(data, snapshots=["step4", "step0"], batch_size=64, shuffle_buffer=256, num_workers=0)
+    dm.setup()
+    token, snapshot = token_tags(all_batches(dm, train=True, n=5), 3)
+    assert (token[:, 0] == token[:, 1]).all() and (snapshot == torch.tensor([2, 0])).all()
 
 
 def test_train_stream_shuffles_tokens_and_covers_each_epoch(toy_dataset):
@@ -95,11 +108,22 @@ def test_snapshot_subset_and_normalisation_scale(toy_dataset):
         ActivationDataModule(toy_dataset, snapshots=["step3"]).setup()
 
 
-def test_dataloader_workers_split_shards_without_loss(toy_dataset):
-    dm = ActivationDataModule(toy_dataset, batch_size=40, val_shards=1, val_tokens=None, num_workers=2)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_dataloader_workers_split_shards_without_loss(tmp_path, workers):
+    """With several training workers every training token of an epoch is read exactly once, across workers."""
+    data = write_toy_dataset(tmp_path / "tagged", tag_tokens=True)  # shards 0-2 train (tokens 0..959), 3 held out
+    dm = ActivationDataModule(data, batch_size=32, shuffle_buffer=128, val_shards=1, val_tokens=None,
+                              num_workers=workers)
     dm.setup()
-    # validation with 2 workers still yields every held-out token exactly once
-    assert all_batches(dm, train=False).shape[0] == 10 * 32
+    # each worker's share of an epoch is 960 / workers tokens, a whole number of batches, so the DataLoader's
+    # round robin hands out epoch 0 as the first 30 batches and epoch 1 as the next 30
+    token, _ = token_tags(all_batches(dm, train=True, n=60), 3)
+    for epoch in (token[:960, 0], token[960:, 0]):
+        torch.testing.assert_close(epoch.sort().values, torch.arange(960))  # each training token once
+    assert not torch.equal(token[:960, 0], token[960:, 0])  # reshuffled between epochs
+    # validation (one worker at most) yields every held-out token exactly once, in stored order
+    token, _ = token_tags(all_batches(dm, train=False), 3)
+    torch.testing.assert_close(token[:, 0], torch.arange(960, 1280))
 
 
 # ---- bad input: one clear line naming the file ----------------------------------------------------

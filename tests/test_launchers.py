@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 from tests.conftest import ROOT
 from tests.test_train import FAST
 
@@ -22,6 +24,18 @@ def test_joblib_launcher_runs_jobs_in_parallel(toy_dataset, tmp_path):
     assert "Joblib" in proc.stdout + proc.stderr  # the joblib launcher, not the basic one, ran the jobs
     rows = json.loads((sweep / "sweep_summary.json").read_text())
     assert sorted(r["d_sae"] for r in rows) == [16, 32]
+    # both jobs ran to the end, each in its own run folder with its own override
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    wanted = set()
+    for job in jobs:
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert config["run_dir"] == str(job) and (job / "crosscoder.safetensors").is_file()
+        assert metrics["d_sae"] == config["crosscoder"]["d_sae"] and metrics["steps"] == 30
+        assert "val/explained_variance" in metrics
+        wanted.add(config["crosscoder"]["d_sae"])
+    assert wanted == {16, 32}
 
 
 def test_slurm_launcher_config_resolves_without_a_cluster(tmp_path):
