@@ -1,7 +1,8 @@
 """A run folder written by train.py, opened for analysis.
 
     <run>/crosscoder.safetensors   weights + per-snapshot ``scale`` (normalised = raw * scale)
-    <run>/config.yaml              resolved config: data.path (dataset folder), data.val_shards, model.*
+    <run>/config.yaml              resolved config: data.path (dataset folder), data.val_shards (null: the dataset's
+                                   recorded split), model.*
     <run>/metrics.json             final validation metrics ("val/explained_variance/<snapshot>", ...)
 
 Everything but the weights is optional: a run whose dataset has moved is still analysed from its
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from crosscoder.model import WEIGHTS_NAME, Crosscoder
-from data.format import FormatError, Manifest, read_manifest
+from data.format import MANIFEST_NAME, FormatError, Manifest, read_manifest, val_shard_count
 
 TokenDecoder = Callable[[int], str]
 
@@ -63,7 +64,19 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> RunFiles:
     data_path, manifest = _dataset(run_dir, config)
     return RunFiles(run_dir=run_dir, model=model, config=config, metrics=metrics, manifest=manifest,
                     data_path=data_path, steps=snapshot_steps(model.snapshot_names, manifest),
-                    val_shards=int(select(config, "data.val_shards", 1)))
+                    val_shards=_val_shards(config, manifest, data_path))
+
+
+def _val_shards(config: DictConfig, manifest: Manifest | None, data_path: Path | None) -> int:
+    """The held-out shard count training used: the dataset's recorded split, else data.val_shards (default 1)."""
+    requested = select(config, "data.val_shards")
+    if manifest is None:
+        return int(requested) if requested is not None else 1
+    try:
+        return val_shard_count(manifest, requested, str(data_path / MANIFEST_NAME))
+    except FormatError as e:  # a run that trained before the dataset recorded its split: the split wins
+        warnings.warn(f"{e}; analysing with the recorded split")
+        return manifest.recorded_val_shards
 
 
 def _dataset(run_dir: Path, config: DictConfig) -> tuple[Path | None, Manifest | None]:

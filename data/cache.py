@@ -10,6 +10,12 @@ each snapshot of a chunk and after each chunk, so a killed run continues where i
 are checked against their sha256 and never recomputed. The manifest is written last; its presence means
 the dataset is complete. The folder name carries a hash of everything that decides the content, so a
 different configuration never reuses a cache.
+
+Validation is split by document, with the rule of the live path (``data.corpus.heldout_documents``): the last
+``cache.val_shards`` shards hold windows packed from the held-out documents only (every ``cache.heldout_every``-th
+document of the corpus order), the shards before them windows of the other documents only, so no document
+straddles the two. The manifest records the split (``split``) and the statistics of the training shards alone
+(``train_stats``), which the trainer normalises with and initialises b_dec from.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.corpus import Window
+from data.corpus import Window, heldout_documents
 from data.format import (DTYPES, FORMAT_VERSION, SHARD_NAME, FormatError, Manifest, RunningStats, ShardEntry,
-                         ShardWriter, Snapshot, read_manifest, sha256_file, storage_dtype, to_storage,
+                         ShardWriter, Snapshot, merged_stats, read_manifest, sha256_file, storage_dtype, to_storage,
                          write_atomic, write_manifest)
 from data.snapshots import (activations, check_revisions, hook_point_name, load_snapshot, load_tokenizer,
                             revision_step)
@@ -55,9 +61,17 @@ def cache_folder(model_cfg, cache_cfg, corpus, repo: str, cache_root: str | os.P
     key = dict(format=FORMAT_VERSION, repo=repo_key, revisions=list(model_cfg.revisions), layer=model_cfg.layer,
                hook=model_cfg.hook, context_length=model_cfg.context_length, corpus=corpus.config(),
                n_tokens=cache_cfg.n_tokens, dtype=cache_cfg.dtype, drop_first=cache_cfg.drop_first,
-               samples_per_shard=cache_cfg.samples_per_shard, model_dtype=cache_cfg.model_dtype)
+               samples_per_shard=cache_cfg.samples_per_shard, model_dtype=cache_cfg.model_dtype,
+               # the validation rule: another rule gives other shards (caches from before it had no key here)
+               split=dict(rule="heldout_documents", every=split_settings(cache_cfg)[1],
+                          val_shards=split_settings(cache_cfg)[0]))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(cache_root) / "activations" / f"{model_cfg.name}-{digest}"
+
+
+def split_settings(cache_cfg) -> tuple[int, int]:
+    """(val_shards, heldout_every) of a cache configuration (defaults 1 and 20, as data.heldout_every)."""
+    return int(cache_cfg.get("val_shards", 1)), int(cache_cfg.get("heldout_every", 20))
 
 
 def ensure_cached(model_cfg, cache_cfg, corpus, cache_root: str | os.PathLike) -> Path:
@@ -97,6 +111,14 @@ class ActivationCache:
         self.n_windows = math.ceil(cache_cfg.n_tokens / self.T)
         self.sps = cache_cfg.samples_per_shard
         self.n_shards = math.ceil(self.n_windows / self.sps)
+        self.val_shards, self.heldout_every = split_settings(cache_cfg)
+        heldout_documents(self.heldout_every, True)  # checks heldout_every >= 2
+        if not 1 <= self.val_shards < self.n_shards:
+            raise ValueError(f"cache.val_shards: {self.val_shards} must be in 1..{self.n_shards - 1}: cache.n_tokens="
+                             f"{cache_cfg.n_tokens:,} fills {self.n_shards} shard(s) of {self.sps} windows")
+        # windows [0, n_train) come from training documents, [n_train, n_windows) (the last val_shards shards,
+        # the last one possibly partial) from held-out documents
+        self.n_train = (self.n_shards - self.val_shards) * self.sps
         self.chunk_shards = max(1, cache_cfg.chunk_tokens // (self.sps * self.T))
         self.device = cache_cfg.device if cache_cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model_dtype = getattr(torch, cache_cfg.model_dtype)
@@ -153,9 +175,10 @@ class ActivationCache:
 
     def _corpus_windows(self) -> tuple[np.ndarray, np.ndarray]:
         """Every window the cache stores, tokenised up front: (tokens [N, context_length] int32, a disk buffer
-        of 4 bytes a token against S x D x 2 for the activations; (doc, start) [N, 2]).
+        of 4 bytes a token against S x D x 2 for the activations; (doc, start) [N, 2]). The first ``n_train``
+        are packed from the training documents, the rest from the held-out documents (``heldout_documents``).
 
-        A corpus with fewer than the N windows that cache.n_tokens needs stops here, before any model runs,
+        A corpus with fewer than the windows that cache.n_tokens needs stops here, before any model runs,
         instead of leaving short or empty shards (the folder's key promises n_tokens).
         """
         ctx = self.model_cfg.context_length
@@ -163,26 +186,47 @@ class ActivationCache:
         path = self.folder / WINDOWS
         tokens = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(self.n_windows, ctx))
         where = np.zeros((self.n_windows, 2), dtype=np.int64)
-        n = 0
-        for w in self.corpus.windows(tokenizer, ctx, max_tokens=self.n_windows * ctx):
-            tokens[n], where[n] = w.tokens, (w.doc, w.start)
-            n += 1
-            if n == self.n_windows:
-                break
-        if n < self.n_windows:
+        have, capped = [], False
+        for held_out, first, end in ((False, 0, self.n_train), (True, self.n_train, self.n_windows)):
+            limit = end - first
+            if held_out and have[0] < self.n_train:  # too small already: count what a smaller cache could use
+                limit = max(limit, self.val_shards * self.sps)
+            n = 0
+            for w in self.corpus.windows(tokenizer, ctx, max_tokens=limit * ctx,
+                                         documents=heldout_documents(self.heldout_every, held_out)):
+                if first + n < end:
+                    tokens[first + n], where[first + n] = w.tokens, (w.doc, w.start)
+                n += 1
+                if n == limit:
+                    capped = held_out and limit > end - first
+                    break
+            have.append(n)
+        if have[0] < self.n_train or have[1] < self.n_windows - self.n_train:
             del tokens
             path.unlink()
             if not any(self.folder.iterdir()):  # a fresh folder: leave no trace of the failed start
                 self.folder.rmdir()
             corpus = ", ".join(f"{k}={v}" for k, v in self.corpus.config().items()
                                if k in ("source", "name", "split", "max_docs") and v is not None)
+            most = self._most_windows(*have)
             raise ValueError(
-                f"corpus too small for cache.n_tokens={self.cfg.n_tokens:,}: that needs {self.n_windows * ctx:,} "
-                f"corpus tokens ({self.n_windows:,} windows of {ctx}, {self.T} stored from each), the corpus "
-                f"({corpus}) holds {n * ctx:,} ({n:,} windows); set cache.n_tokens to at most {n * self.T:,} "
-                "or use a larger corpus")
+                f"corpus too small for cache.n_tokens={self.cfg.n_tokens:,}: that needs {self.n_windows:,} windows of "
+                f"{ctx} tokens ({self.T} stored from each), {self.n_train:,} from the training documents and "
+                f"{self.n_windows - self.n_train:,} (cache.val_shards={self.val_shards}) from the held-out ones "
+                f"(1 document in {self.heldout_every}, cache.heldout_every); the corpus ({corpus}) holds {have[0]:,} and "
+                f"{have[1]:,}{'+' if capped else ''}; "
+                + (f"set cache.n_tokens to at most {most * self.T:,} or use a larger corpus" if most
+                   else "use a larger corpus"))
         tokens.flush()
         return tokens, where
+
+    def _most_windows(self, have_train: int, have_val: int) -> int:
+        """The most windows a cache of this shard layout can hold from the windows the corpus has."""
+        v, sps = self.val_shards, self.sps
+        train_shards = have_train // sps  # whole training shards
+        if train_shards == 0 or have_val <= (v - 1) * sps:  # the last validation shard needs one window at least
+            return 0
+        return train_shards * sps + min(have_val, v * sps)
 
     def _run(self) -> Manifest:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -250,9 +294,9 @@ class ActivationCache:
         return writer.close()
 
     def _finish(self, progress: dict, hook_point: str | None) -> Manifest:
-        stats = RunningStats(len(self.revisions), self.model_cfg.d_model)
-        for s in progress["stats"]:
-            stats.merge(RunningStats.from_json(s))
+        parts = [RunningStats.from_json(s) for s in progress["stats"]]
+        n_train_shards = self.n_shards - self.val_shards
+        stats, train_stats = merged_stats(parts), merged_stats(parts[:n_train_shards])
         if hook_point is None:  # everything was cached before a restart: name the hook without a model
             hook_point = f"layers.{self.model_cfg.layer}.{self.model_cfg.hook}"
         manifest = Manifest(
@@ -260,7 +304,11 @@ class ActivationCache:
             hook_point=f"{hook_point} ({self.model_cfg.hook})", d_model=self.model_cfg.d_model,
             snapshots=[Snapshot(r, revision_step(r)) for r in self.revisions], dtype=self.cfg.dtype,
             tokens_per_sample=self.T, shards=[ShardEntry(**e) for e in progress["shards"]],
-            stats=stats.snapshot_stats(self.revisions),
+            stats=stats.snapshot_stats(self.revisions), train_stats=train_stats.snapshot_stats(self.revisions),
+            split={"val_shards": self.val_shards, "rule": "heldout_documents", "heldout_every": self.heldout_every,
+                   "documents": f"the last {self.val_shards} shard(s) hold windows of the held-out documents only "
+                                f"(corpus document index % {self.heldout_every} == {self.heldout_every - 1}), the "
+                                "others windows of the other documents only"},
             extra={"repo": self.repo, "layer": self.model_cfg.layer, "hook": self.model_cfg.hook,
                    "context_length": self.model_cfg.context_length, "drop_first": self.cfg.drop_first,
                    "corpus": self.corpus.config(), "tokenizer": str(Path(self.repo) / self.revisions[0])

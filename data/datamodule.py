@@ -8,7 +8,9 @@ The pipeline is a webdataset ``DataPipeline``:
       -> token-level shuffle buffer                    -> batches [B, S, D]
 
 Normalisation is not applied here: the datamodule reports the per-snapshot scale (from the manifest's
-statistics) and the crosscoder applies it, so the scale is stored with the weights.
+statistics over the training shards, ``train_stats``) and the crosscoder applies it, so the scale is stored
+with the weights. Validation is the last shards: as many as the manifest's ``split`` records (the cache writes
+them from held-out documents only), or ``data.val_shards`` for a dataset that records no split.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from data.format import FormatError, Manifest, ShardEntry, from_storage, read_manifest, read_shard
+from data.format import (MANIFEST_NAME, FormatError, Manifest, ShardEntry, SnapshotStats, from_storage, read_manifest,
+                         read_shard, val_shard_count)
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +186,7 @@ class ActivationDataModule(L.LightningDataModule):
     """Cached multi-snapshot activations from a dataset folder (see docs/FORMAT.md)."""
 
     def __init__(self, path: str | None, snapshots: list[str] | None = None, batch_size: int = 4096,
-                 shuffle_buffer: int = 262_144, val_shards: int = 1, val_tokens: int | None = 262_144,
+                 shuffle_buffer: int = 262_144, val_shards: int | None = None, val_tokens: int | None = 262_144,
                  num_workers: int = 1, verify_sha256: bool = True, on_corrupt: str = "error", seed: int = 0):
         super().__init__()
         if on_corrupt not in ("error", "skip"):
@@ -209,12 +212,22 @@ class ActivationDataModule(L.LightningDataModule):
         for e in m.shards:
             if not (self.path / e.file).is_file():
                 raise FormatError(f"{self.path / e.file}: listed in manifest.json but missing")
-        if self.val_shards >= len(m.shards):
-            raise FormatError(f"{self.path}: {len(m.shards)} shard(s) cannot hold out data.val_shards={self.val_shards} "
+        where = str(self.path / MANIFEST_NAME)
+        n_val = val_shard_count(m, self.val_shards, where)
+        if n_val >= len(m.shards) or n_val < 1:
+            raise FormatError(f"{self.path}: {len(m.shards)} shard(s) cannot hold out data.val_shards={n_val} "
                               "and still leave training data")
         # The last shards are held out, so the split is stable and never depends on the seed.
-        cut = len(m.shards) - self.val_shards
+        cut = len(m.shards) - n_val
         self.train_entries, self.val_entries = m.shards[:cut], m.shards[cut:]
+        # Normalisation and b_dec's initialisation: statistics of the training shards only.
+        self.stats: dict[str, SnapshotStats] = m.train_stats if m.train_stats is not None else m.stats
+        if m.train_stats is None:
+            log.warning("%s: no training-shard statistics ('train_stats'; an older cache or a hand-written "
+                        "dataset): the normalisation scale and b_dec's initialisation use 'stats', which include "
+                        "the %d validation shard(s)%s", where, n_val,
+                        "" if m.split is not None else ", and no recorded 'split' says the validation shards "
+                        "share no document with the training shards; re-cache to fix both")
 
     @property
     def snapshot_names(self) -> list[str]:
@@ -233,13 +246,14 @@ class ActivationDataModule(L.LightningDataModule):
         return sum(e.tokens for e in self.train_entries)
 
     def norm_scale(self) -> torch.Tensor:
-        """[S]: factor that brings each snapshot's mean activation norm to sqrt(D) (as in the paper)."""
-        norms = torch.tensor([self.manifest.stats[n].mean_norm for n in self.snapshot_names], dtype=torch.float64)
+        """[S]: factor that brings each snapshot's mean activation norm over the training shards to sqrt(D)
+        (as in the paper)."""
+        norms = torch.tensor([self.stats[n].mean_norm for n in self.snapshot_names], dtype=torch.float64)
         return (math.sqrt(self.d_model) / norms).float()
 
     def raw_mean(self) -> torch.Tensor:
-        """[S, D]: mean raw activation per snapshot."""
-        return torch.tensor([self.manifest.stats[n].mean for n in self.snapshot_names], dtype=torch.float32)
+        """[S, D]: mean raw activation per snapshot, over the training shards."""
+        return torch.tensor([self.stats[n].mean for n in self.snapshot_names], dtype=torch.float32)
 
     # ---- position in the stream, saved in Lightning checkpoints ------------------------------------
     def state_dict(self) -> dict:

@@ -59,6 +59,11 @@ class SnapshotStats:
 
 @dataclasses.dataclass
 class Manifest:
+    """A dataset's manifest.json. ``split`` and ``train_stats`` are optional (older manifests lack them):
+    ``split`` records that the last ``split["val_shards"]`` shards are validation data kept apart from the
+    training shards by the writer (the cache: held-out documents), ``train_stats`` the statistics over the
+    other (training) shards only, which the trainer normalises with."""
+
     model: str  # e.g. "EleutherAI/pythia-160m"
     hook_point: str  # e.g. "gpt_neox.layers.6" (residual stream after block 6)
     snapshots: list[Snapshot]
@@ -69,6 +74,13 @@ class Manifest:
     stats: dict[str, SnapshotStats]  # keyed by snapshot name
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # free-form provenance
+    split: dict[str, Any] | None = None  # {"val_shards": N, "rule": ..., ...}: the last N shards are validation
+    train_stats: dict[str, SnapshotStats] | None = None  # like stats, over the training shards only
+
+    @property
+    def recorded_val_shards(self) -> int | None:
+        """How many (last) shards the writer held out for validation; None when the manifest does not say."""
+        return None if self.split is None else int(self.split["val_shards"])
 
     @property
     def snapshot_names(self) -> list[str]:
@@ -94,6 +106,9 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stats"] = {k: dataclasses.asdict(v) for k, v in self.stats.items()}
+        for key in ("split", "train_stats"):  # optional: absent rather than null
+            if d[key] is None:
+                del d[key]
         return {"format_version": d.pop("format_version"), **d}
 
     @classmethod
@@ -129,19 +144,35 @@ class Manifest:
             p = f"shards[{i}]."
             shards.append(ShardEntry(file=need("file", str, e, p), samples=need("samples", int, e, p),
                                      tokens=need("tokens", int, e, p), sha256=need("sha256", str, e, p)))
-        stats_json = need("stats", dict)
-        stats = {}
-        for name in names:
-            if name not in stats_json:
-                raise FormatError(f"{where}: missing key 'stats.{name}'")
-            s = stats_json[name]
-            mean = need("mean", list, s, f"stats.{name}.")
-            if len(mean) != d_model:
-                raise FormatError(f"{where}: stats.{name}.mean has {len(mean)} values, d_model is {d_model}")
-            mean_norm = float(need("mean_norm", (int, float), s, f"stats.{name}."))
-            if not math.isfinite(mean_norm) or mean_norm <= 0:
-                raise FormatError(f"{where}: stats.{name}.mean_norm is {mean_norm}; it must be finite and > 0")
-            stats[name] = SnapshotStats(mean_norm=mean_norm, mean=[float(x) for x in mean])
+        def read_stats(key: str) -> dict[str, SnapshotStats]:
+            stats_json = need(key, dict)
+            stats = {}
+            for name in names:
+                if name not in stats_json:
+                    raise FormatError(f"{where}: missing key '{key}.{name}'")
+                s = stats_json[name]
+                mean = need("mean", list, s, f"{key}.{name}.")
+                if len(mean) != d_model:
+                    raise FormatError(f"{where}: {key}.{name}.mean has {len(mean)} values, d_model is {d_model}")
+                mean_norm = float(need("mean_norm", (int, float), s, f"{key}.{name}."))
+                if not math.isfinite(mean_norm) or mean_norm <= 0:
+                    raise FormatError(f"{where}: {key}.{name}.mean_norm is {mean_norm}; it must be finite and > 0")
+                stats[name] = SnapshotStats(mean_norm=mean_norm, mean=[float(x) for x in mean])
+            return stats
+
+        stats = read_stats("stats")
+        split = d.get("split")
+        if split is not None:
+            split = need("split", dict)
+            n_val = need("val_shards", int, split, "split.")
+            if not 1 <= n_val < len(shards):
+                raise FormatError(f"{where}: split.val_shards is {n_val}; it must be in 1..{len(shards) - 1} "
+                                  f"(the dataset has {len(shards)} shards)")
+        train_stats = None
+        if d.get("train_stats") is not None:
+            if split is None:
+                raise FormatError(f"{where}: 'train_stats' needs a 'split' saying which shards are training data")
+            train_stats = read_stats("train_stats")
         tps = need("tokens_per_sample", int)
         for i, e in enumerate(shards):
             if e.tokens != e.samples * tps:
@@ -149,7 +180,23 @@ class Manifest:
                                   f"but samples x tokens_per_sample = {e.samples * tps}")
         return cls(model=need("model", str), hook_point=need("hook_point", str), snapshots=snapshots,
                    d_model=d_model, dtype=dtype, tokens_per_sample=tps, shards=shards, stats=stats,
-                   format_version=version, extra=d.get("extra", {}))
+                   format_version=version, extra=d.get("extra", {}), split=split, train_stats=train_stats)
+
+
+def val_shard_count(manifest: Manifest, requested: int | None, where: str) -> int:
+    """How many of the last shards are validation: the dataset's recorded split (``requested`` None or equal
+    to it), else ``requested`` (default 1) for a dataset that records none (written by hand or by an older cache).
+
+    A requested count that differs from the recorded split stops: fewer would train on held-out documents, more
+    would validate on shards the training statistics were computed from."""
+    recorded = manifest.recorded_val_shards
+    if recorded is None:
+        return 1 if requested is None else int(requested)
+    if requested is not None and int(requested) != recorded:
+        raise FormatError(f"{where}: data.val_shards={requested}, but this dataset holds out its last {recorded} "
+                          f"shard(s) for validation ('split': {manifest.split.get('rule', 'recorded')}); set "
+                          f"data.val_shards=null (or {recorded})")
+    return recorded
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
@@ -253,6 +300,13 @@ class RunningStats:
                                  mean=(self.vec_sum[i] / self.count).tolist()) for i, n in enumerate(names)}
 
 
+def merged_stats(parts: list[RunningStats]) -> RunningStats:
+    out = RunningStats(*parts[0].vec_sum.shape)
+    for p in parts:
+        out.merge(p)
+    return out
+
+
 class _Hashing:
     """A write-only file object that feeds every byte written through it to a hash as well."""
 
@@ -334,14 +388,18 @@ class DatasetWriter:
 
     def __init__(self, folder: str | os.PathLike, *, model: str, hook_point: str, snapshots: list[Snapshot],
                  d_model: int, tokens_per_sample: int, dtype: str = "float16", samples_per_shard: int = 256,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, split: dict[str, Any] | None = None):
+        """``split`` ({"val_shards": N, "rule": ...}): the caller wrote the last N shards from data kept apart
+        from the rest (e.g. held-out documents); recorded in the manifest with ``train_stats`` over the others."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.meta = dict(model=model, hook_point=hook_point, snapshots=list(snapshots), d_model=d_model,
                          dtype=dtype, tokens_per_sample=tokens_per_sample, extra=dict(extra or {}))
         self.samples_per_shard = samples_per_shard
+        self.split = dict(split) if split is not None else None
         self.entries: list[ShardEntry] = []
         self.stats = RunningStats(len(snapshots), d_model)
+        self.shard_stats: list[RunningStats] = []
         self._shard: ShardWriter | None = None
 
     def write(self, acts: np.ndarray, tokens: np.ndarray, doc: int | str, start: int) -> None:
@@ -357,13 +415,22 @@ class DatasetWriter:
         entry, stats = self._shard.close()
         self.entries.append(entry)
         self.stats.merge(stats)
+        self.shard_stats.append(stats)
         self._shard = None
 
     def close(self) -> Manifest:
         if self._shard is not None and self._shard.samples:
             self._finish_shard()
         names = [s.name for s in self.meta["snapshots"]]
-        manifest = Manifest(shards=self.entries, stats=self.stats.snapshot_stats(names), **self.meta)
+        train_stats = None
+        if self.split is not None:
+            n_val = int(self.split["val_shards"])
+            if not 1 <= n_val < len(self.entries):
+                raise FormatError(f"{self.folder}: split.val_shards={n_val} needs at least {n_val + 1} shards, "
+                                  f"{len(self.entries)} were written")
+            train_stats = merged_stats(self.shard_stats[:-n_val]).snapshot_stats(names)
+        manifest = Manifest(shards=self.entries, stats=self.stats.snapshot_stats(names), split=self.split,
+                            train_stats=train_stats, **self.meta)
         write_manifest(self.folder, manifest)
         return manifest
 

@@ -18,7 +18,8 @@ from data.format import DatasetWriter, Snapshot  # noqa: E402
 
 def write_toy_dataset(folder: Path, *, n_samples: int = 40, tokens_per_sample: int = 32, n_snapshots: int = 3,
                       d_model: int = 16, n_features: int = 48, samples_per_shard: int = 10,
-                      dtype: str = "float32", seed: int = 0, tag_tokens: bool = False) -> Path:
+                      dtype: str = "float32", seed: int = 0, tag_tokens: bool = False,
+                      split: dict | None = None) -> Path:
     """Sparse codes over random directions; snapshot s sees the same code with its direction set
     scaled by (s + 1), so a token's activations are aligned across snapshots in a checkable way:
     acts[:, s] == (s + 1) * acts[:, 0]. Token ids count up globally, so every token is identifiable.
@@ -26,14 +27,14 @@ def write_toy_dataset(folder: Path, *, n_samples: int = 40, tokens_per_sample: i
     ``tag_tokens=True`` overwrites dimension 0 with a value that names the token and the snapshot:
     acts[t, s, 0] == token_id * n_snapshots + s (exact in float32; see ``token_tags``), so a batch row
     whose snapshots come from different tokens, or whose snapshot axis is permuted, shows. The (s + 1)
-    relation then holds on dimensions 1: only."""
+    relation then holds on dimensions 1: only. ``split`` is recorded in the manifest (DatasetWriter)."""
     rng = np.random.default_rng(seed)
     dirs = rng.standard_normal((n_features, d_model))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     snapshots = [Snapshot(f"step{2 ** s if s else 0}", 2 ** s if s else 0) for s in range(n_snapshots)]
     with DatasetWriter(folder, model="toy", hook_point="toy.resid", snapshots=snapshots, d_model=d_model,
                        tokens_per_sample=tokens_per_sample, dtype=dtype,
-                       samples_per_shard=samples_per_shard) as writer:
+                       samples_per_shard=samples_per_shard, split=split) as writer:
         for i in range(n_samples):
             code = (rng.random((tokens_per_sample, n_features)) < 0.08) * rng.exponential(1.0, (tokens_per_sample, n_features))
             base = code @ dirs + 0.01 * rng.standard_normal((tokens_per_sample, d_model))

@@ -355,3 +355,19 @@ def test_run_without_dataset_uses_decoders_only(small_run, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["tokens"] is None and s["categories"]["dead"] == 1  # only the zero decoder
     assert json.loads((out / "browser.json").read_text()) == []
+
+
+def test_held_out_shards_follow_the_datasets_recorded_split(small_run, tmp_path):
+    """data.val_shards: null (the default) analyses the split the dataset records, else 1 shard; an explicit value
+    that contradicts the recorded split warns and the recorded split wins (as training refuses it)."""
+    run, model, data = small_run
+    cfg_path = run / "config.yaml"
+    OmegaConf.save(OmegaConf.create({"data": {"path": str(data), "val_shards": None}}), cfg_path)
+    assert load_run(run).val_shards == 1  # no recorded split
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["split"] = {"val_shards": 2, "rule": "test"}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert load_run(run).val_shards == 2
+    OmegaConf.save(OmegaConf.create({"data": {"path": str(data), "val_shards": 1}}), cfg_path)
+    with pytest.warns(UserWarning, match="holds out its last 2 shard"):
+        assert load_run(run).val_shards == 2

@@ -126,6 +126,44 @@ def test_dataloader_workers_split_shards_without_loss(tmp_path, workers):
     torch.testing.assert_close(token[:, 0], torch.arange(960, 1280))
 
 
+def test_recorded_split_decides_validation_and_the_statistics_come_from_training_shards(tmp_path):
+    data = write_toy_dataset(tmp_path / "split", split={"val_shards": 2, "rule": "test"})  # shards 0-1 train, 2-3 val
+    m = read_manifest(data)
+    assert m.recorded_val_shards == 2 and json.loads((data / "manifest.json").read_text())["split"]["rule"] == "test"
+    dm = ActivationDataModule(data, batch_size=32, num_workers=0)  # data.val_shards=null: the recorded split
+    dm.setup()
+    assert [e.file for e in dm.val_entries] == ["shard-000002.tar", "shard-000003.tar"]
+    train = np.concatenate([a for a, _, _ in iter_samples(data, shards=dm.train_entries)]).astype(np.float64)
+    every = np.concatenate([a for a, _, _ in iter_samples(data)]).astype(np.float64)
+    np.testing.assert_allclose(dm.norm_scale().numpy(), 4 / np.linalg.norm(train, axis=-1).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(dm.raw_mean().numpy(), train.mean(0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(dm.raw_mean().numpy(), every.mean(0), rtol=1e-3, atol=1e-4)  # validation left out
+    with pytest.raises(FormatError, match=r"manifest.json: data.val_shards=1, but this dataset holds out its last 2 "
+                                          r"shard\(s\) for validation"):
+        ActivationDataModule(data, val_shards=1).setup()
+    ActivationDataModule(data, val_shards=2).setup()  # the same number is fine
+
+
+def test_manifest_without_training_statistics_falls_back_with_a_warning_naming_it(toy_dataset, caplog):
+    """A manifest written before train_stats existed (or by hand) still trains, and says what that costs."""
+    assert "train_stats" not in json.loads((toy_dataset / "manifest.json").read_text())
+    dm = ActivationDataModule(toy_dataset, batch_size=32, num_workers=0)
+    with caplog.at_level("WARNING", logger="data.datamodule"):
+        dm.setup()
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and str(toy_dataset / "manifest.json") in warning[0]
+    assert "include the 1 validation shard(s)" in warning[0] and "no recorded 'split'" in warning[0]
+    assert len(dm.val_entries) == 1  # the last shard, data.val_shards' default
+    m = read_manifest(toy_dataset)
+    np.testing.assert_allclose(dm.norm_scale().numpy(), [4 / m.stats[n].mean_norm for n in m.snapshot_names])
+    edit_manifest(toy_dataset, lambda d: d.update(train_stats=d["stats"]))
+    with pytest.raises(FormatError, match="'train_stats' needs a 'split'"):
+        read_manifest(toy_dataset)
+    edit_manifest(toy_dataset, lambda d: d.update(split={"val_shards": 4}))
+    with pytest.raises(FormatError, match=r"split.val_shards is 4; it must be in 1..3"):
+        read_manifest(toy_dataset)
+
+
 # ---- bad input: one clear line naming the file ----------------------------------------------------
 def read_all(folder, **kw):
     dm = ActivationDataModule(folder, batch_size=16, num_workers=0, val_tokens=None, **kw)

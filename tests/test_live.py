@@ -56,7 +56,9 @@ def test_live_vectors_equal_the_cache_within_its_rounding(suite, tmp_path):
                                       chunk_tokens=230, batch_size=8, model_dtype="float32", device="cpu"))
     folder = ensure_cached(model_cfg(suite), cache_cfg, corpus_for(suite), tmp_path)
     samples = list(iter_samples(folder))
-    windows = list(corpus_for(suite).windows(load_tokenizer(str(suite), "step0"), CTX, max_tokens=40 * CTX))
+    tok = load_tokenizer(str(suite), "step0")  # the cache: 3 shards of training documents, then 1 of held-out ones
+    windows = [w for held_out, n in ((False, 30), (True, 10)) for w in
+               corpus_for(suite).windows(tok, CTX, max_tokens=n * CTX, documents=heldout_documents(20, held_out))]
     models = SnapshotModels(str(suite), ["step0", "step1"], 1, "resid_post", 32, forward_batch=5)
     acts = models.run(torch.from_numpy(np.stack([w.tokens for w in windows])).long(), 1, torch.float32)
     assert acts.shape == (40, 23, 2, 32)
