@@ -13,8 +13,8 @@ spends inside the snapshot models' forwards is measured by wrapping them in a ti
 
 quality: trains the crosscoder with train.py at equal tokens and steps on the live stream, changing only how
 many consecutive stream tokens are shuffled together (data.block_tokens): (a) the whole run in one block, what
-a fully shuffled cache of the same tokens gives; (b) the default block; (c) the paper preset's mixing scaled to
-this suite (8 windows: one batch, no shuffling beyond it). Every run is validated on the same held-out
+a fully shuffled cache of the same tokens gives; (b) the default block (256 batches) and a quarter of it; (c)
+the paper preset's old mixing scaled to this suite (8 windows: one batch, no shuffling beyond it). Every run is validated on the same held-out
 documents. Writes bench/results/live_speed.json / live_quality.json.
 """
 
@@ -135,7 +135,8 @@ def speed(steps: int) -> dict:
 
 QUALITY = {  # label -> data.block_tokens (None: the whole run in one block)
     "a_whole_run_one_block": None,
-    "b_default_block": 65536,
+    "b_default_block": 262144,
+    "b_quarter_block": 65536,
     "c_paper_preset_mixing": 1024,
 }
 

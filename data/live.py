@@ -170,7 +170,7 @@ class LiveActivationDataModule(L.LightningDataModule):
     """Activations of a model suite computed on the fly from corpus windows (see the module docstring)."""
 
     def __init__(self, model: DictConfig, corpus, cache_dir: str, snapshots: list[str] | None = None,
-                 batch_size: int = 1024, block_tokens: int = 65_536, heldout_every: int = 20,
+                 batch_size: int = 1024, block_tokens: int = 262_144, heldout_every: int = 20,
                  val_tokens: int = 131_072, keep_val_bytes: int = 2 << 30, norm_tokens: int = 65_536,
                  drop_first: int = 1, forward_batch: int = 64, model_dtype: str = "float32",
                  buffer_dtype: str = "float32", device: str = "auto", placement: str = "auto", seed: int = 0):
