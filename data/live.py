@@ -42,7 +42,7 @@ from tqdm import tqdm
 from data.cache import resolve_repo
 from data.corpus import heldout_documents
 from data.format import FormatError
-from data.snapshots import check_revisions, hook_module, load_snapshot, load_tokenizer
+from data.snapshots import activations, check_revisions, hook_module, load_snapshot, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ def truncate_after(model, layer: int) -> None:
 
 def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-class _Stop(Exception):
-    """Raised by the hook: nothing above the hooked module needs to run."""
 
 
 class SnapshotModels:
@@ -124,7 +120,7 @@ class SnapshotModels:
             if self.placement == "rotate":
                 model.to(self.device)
             for i in range(0, W, self.forward_batch):
-                acts = self._hook_output(model, ids[i:i + self.forward_batch])[:, drop_first:]
+                acts = activations(model, ids[i:i + self.forward_batch], self.layer, self.hook)[:, drop_first:]
                 if not torch.isfinite(acts).all():
                     raise FormatError(f"{self.repo}/{self.revisions[s]}: NaN/Inf activations at the hook "
                                       f"(layer {self.layer}, {self.hook})")
@@ -132,22 +128,6 @@ class SnapshotModels:
             if self.placement == "rotate":
                 model.to("cpu")
         return out
-
-    def _hook_output(self, model, ids: torch.Tensor) -> torch.Tensor:
-        captured = {}
-
-        def grab(_module, _inputs, output):
-            captured["out"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-
-        handle = hook_module(model, self.layer, self.hook).register_forward_hook(grab)
-        try:
-            model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured["out"]
 
 
 class _Batches(IterableDataset):
