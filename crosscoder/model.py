@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from crosscoder import sparse
+from crosscoder import paper_loop, sparse
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk", "paper")
 WEIGHTS_NAME = "crosscoder.safetensors"
@@ -30,18 +30,20 @@ class CrosscoderOutput(NamedTuple):
     latents: torch.Tensor  # [B, F] feature activations f (after the activation function)
     recon: torch.Tensor  # [B, S, D] reconstruction a_hat, in normalised units
     pre_acts: torch.Tensor  # [B, F] encoder pre-activations (without gradient on the sparse paths)
-    snapshot_latents: torch.Tensor | None = None  # [B, S, F] per-snapshot codes ("paper" activation, dense path)
     # the code's active entries when the sparse path ran (crosscoder/sparse.py); PaperActive for "paper"
     active: sparse.Active | sparse.PaperActive | None = None
+    # "paper": the tanh-quad penalty's sums [F] over tokens and snapshots of tanh(c f ||W_dec[i, s]||), and the
+    # decoder norms [F, S] and thresholds [F] (no gradient) that gated each snapshot's code
+    penalty_sums: torch.Tensor | None = None
+    snapshot_gates: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def snapshot_code(self, s: int) -> torch.Tensor:
         """[B, F] the code that snapshot s decodes: ``latents`` for every activation but "paper", whose per-snapshot
-        gates give each snapshot its own code (``snapshot_latents[:, s]``; on its sparse path formed from the
-        entries)."""
-        if self.snapshot_latents is not None:
-            return self.snapshot_latents[:, s]
-        if isinstance(self.active, sparse.PaperActive):
-            return self.active.snapshot_code(s, *self.latents.shape)
+        gates give each snapshot its own code, pre * H(pre * ||W_dec[i, s]|| - t_i) (no gradient)."""
+        if self.snapshot_gates is not None:
+            norms, threshold = self.snapshot_gates
+            pre = self.pre_acts.detach()
+            return pre * (pre * norms[:, s] > threshold).to(pre.dtype)
         return self.latents
 
 
@@ -215,40 +217,50 @@ class Crosscoder(nn.Module):
         one learned threshold per latent shared by the snapshots, so a latent can be on at some snapshots
         and off at others. f[b, s, i] = pre[b, i] * H(pre[b, i] * ||W_dec[i, s]|| - t_i).
 
-        The sparse path (crosscoder/sparse.py) runs over the (token, snapshot, latent) entries that are open or in
-        the threshold's window, when they are few: candidates (token, latent) at most PAPER_MAX_CANDIDATES of the
-        latents per token, then entries per token and snapshot as ``use_sparse`` allows."""
+        Three implementations, equal within float32 rounding (tests/test_sparse_paper.py, tests/test_paper_loop.py),
+        none of which forms a [B, S, F] tensor; the batch's own density picks one:
+        - sparse, window listed: the (token, snapshot, latent) entries open or inside the threshold's
+          straight-through window (crosscoder/sparse.py), when the candidates for them are at most
+          PAPER_MAX_CANDIDATES of the latents per token;
+        - sparse, window passed: the open entries only, and the closed window entries' threshold gradient from one
+          GEMM per snapshot (crosscoder/paper_loop.py), when the window is too wide to list (the paper's bandwidth
+          of 2) but few entries are open;
+        - dense, snapshot by snapshot (crosscoder/paper_loop.py): dense GEMMs, memory O(B F), for dense codes
+          (the recipe's start: about a third of the entries open at initialisation)."""
         pre = self.encode_pre(x)  # [B, F]
+        B, S, F_ = x.shape[0], self.n_snapshots, self.d_sae
+        threshold, bw, c = self.log_threshold.exp(), self.jumprelu_bandwidth, self.tanh_c
+        with torch.no_grad():
+            norms = self.decoder_norms()  # [F, S]
+        gates = (norms, threshold.detach())
         if self.sparse is not False:
-            B, S, F_ = x.shape[0], self.n_snapshots, self.d_sae
             with torch.no_grad():
-                norms, threshold = self.decoder_norms(), self.log_threshold.exp()  # [F, S], [F]
-                cand = sparse.paper_candidates(pre, norms, threshold, self.jumprelu_bandwidth)
+                most = sparse.PAPER_MAX_CANDIDATES * F_ * B
+                cand = sparse.paper_candidates(pre, norms, threshold, bw)
+                listed = torch.count_nonzero(cand).item() <= most
+                if not listed:  # candidates for the open entries alone
+                    cand = sparse.paper_candidates(pre, norms, threshold, 0.0)
                 entries = None
-                if self.sparse or torch.count_nonzero(cand).item() <= sparse.PAPER_MAX_CANDIDATES * F_ * B:
-                    entries = sparse.paper_entries(pre, norms, threshold, self.jumprelu_bandwidth, cand)
+                if listed or self.sparse or torch.count_nonzero(cand).item() <= most:
+                    entries = sparse.paper_entries(pre, norms, threshold, bw, cand, window_entries=listed)
             if entries is not None and self.use_sparse(len(entries.rows) / (B * S)):
-                active, recon, latents = sparse.paper_forward(
-                    x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.log_threshold.exp(), norms,
-                    self.jumprelu_bandwidth)
-                return CrosscoderOutput(latents=latents, recon=recon, pre_acts=pre.detach(), active=active)
-        norms = self.decoder_norms().T  # [S, F]
-        gates = _step_ste(pre[:, None, :] * norms, self.log_threshold.exp(), self.jumprelu_bandwidth)
-        snapshot_latents = pre[:, None, :] * gates  # [B, S, F]
-        recon = torch.einsum("bsf,fsd->bsd", snapshot_latents, self.W_dec) + self.b_dec
-        return CrosscoderOutput(latents=snapshot_latents.amax(1).clamp(min=0), recon=recon, pre_acts=pre,
-                                snapshot_latents=snapshot_latents)
+                active, recon, latents, sums = sparse.paper_forward(
+                    x, entries, self.W_enc, self.b_enc, self.W_dec, self.b_dec, threshold, norms, bw, c,
+                    window_pass=None if listed else pre.detach())
+                return CrosscoderOutput(latents=latents, recon=recon, pre_acts=pre.detach(), active=active,
+                                        penalty_sums=sums, snapshot_gates=gates)
+        recon, sums, latents = paper_loop.paper_dense(pre, self.W_dec, threshold, bw, c)
+        return CrosscoderOutput(latents=latents, recon=recon + self.b_dec, pre_acts=pre, penalty_sums=sums,
+                                snapshot_gates=gates)
 
     def loss_terms(self, x: torch.Tensor, out: CrosscoderOutput) -> LossTerms:
         mse = (out.recon - x).pow(2).sum(dim=(1, 2)).mean()
-        if isinstance(out.active, sparse.PaperActive):  # the tanh-quad penalty below, over the kept entries only
-            a, (B, F_) = out.active, out.latents.shape  # closed entries outside the window add tanh(0) = 0
-            contribution = a.values * a.norms  # ||W_dec[i, s]|| of each entry, with its gradient
-            total = torch.zeros(F_, dtype=contribution.dtype, device=x.device).index_add(
-                0, a.cols, torch.tanh(self.tanh_c * contribution))
-            p = total / (B * self.n_snapshots)
+        if self.activation == "paper":
+            # "tanh-quad": p_i = mean over tokens and snapshots of tanh(c * f_i^s * ||W_dec[i, s]||);
+            # penalty = sum_i p_i (1 + p_i / s), which punishes latents that fire often much harder.
+            p = out.penalty_sums / (x.shape[0] * self.n_snapshots)
             return LossTerms(mse=mse, sparsity=(p * (1 + p / self.tanh_s)).sum(),
-                             l0=torch.count_nonzero(out.latents).to(x.dtype) / B)  # latents are pre > 0 or 0
+                             l0=torch.count_nonzero(out.latents).to(x.dtype) / x.shape[0])  # latents: pre > 0 or 0
         dec_norm_sum = self.decoder_norms().sum(-1)  # [F]
         if out.active is not None:  # the sparse paths: the same sums over the active entries only
             a, B = out.active, x.shape[0]
@@ -259,13 +271,7 @@ class Crosscoder(nn.Module):
             return LossTerms(mse=mse, sparsity=(weight * dec_norm_sum[a.cols]).sum() / B,
                              l0=(a.values > 0).sum().to(x.dtype) / B)
         active = (out.latents > 0).to(x.dtype)
-        if self.activation == "paper":
-            # "tanh-quad": p_i = mean over tokens and snapshots of tanh(c * f_i^s * ||W_dec[i, s]||);
-            # penalty = sum_i p_i (1 + p_i / s), which punishes latents that fire often much harder.
-            contribution = out.snapshot_latents * self.decoder_norms().T  # [B, S, F]
-            p = torch.tanh(self.tanh_c * contribution).mean(dim=(0, 1))
-            sparsity = (p * (1 + p / self.tanh_s)).sum()
-        elif self.activation == "jumprelu":
+        if self.activation == "jumprelu":
             # L0-style penalty: the number of open gates, each weighted by the latent's decoder norm sum;
             # the step's straight-through gradient is what trains the thresholds.
             gates = _step_ste(out.pre_acts, self.log_threshold.exp(), self.jumprelu_bandwidth)

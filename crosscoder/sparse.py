@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from crosscoder.paper_loop import closed_window_pass
+
 # Where the sparse step beats the dense one: at most this fraction of latents active per token. Measured with
 # relu (bench/step.py, docs/PERFORMANCE.md section 1): the two steps take the same time at about 1/20 of the
 # latents (S=8 D=768 F=16384) and 1/24 (S=8 D=128 F=4096); at 1/32 sparse is 1.34x and 1.04x faster.
@@ -195,12 +197,6 @@ class PaperActive(NamedTuple):
     offsets: torch.Tensor  # [B * S] position of each (token, snapshot)'s first entry
     norms: torch.Tensor  # [N] ||W_dec[col, snap]||, differentiable w.r.t. W_dec (the penalty's weight)
 
-    def snapshot_code(self, s: int, B: int, F_: int) -> torch.Tensor:
-        """[B, F] the code that snapshot s decodes (``snapshot_latents[:, s]`` of the dense path)."""
-        at = self.snaps == s
-        zeros = torch.zeros(B, F_, dtype=self.values.dtype, device=self.values.device)
-        return zeros.index_put_((self.rows[at], self.cols[at]), self.values[at])
-
 
 class PaperEntries(NamedTuple):
     """What ``paper_entries`` finds (no gradient): candidate (token, latent) pairs, the entries expanded from them."""
@@ -230,9 +226,10 @@ def paper_candidates(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Te
 
 
 def paper_entries(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
-                  candidates: torch.Tensor) -> PaperEntries:
-    """The kept entries (open or in the window) of the candidate pairs, ordered by (token, snapshot, latent); tested
-    with the dense path's own float32 expressions (``_forward_paper`` and ``_JumpStep`` in model.py), so the set is
+                  candidates: torch.Tensor, window_entries: bool = True) -> PaperEntries:
+    """The kept entries (open or in the window; open only when ``window_entries`` is False, for the closed window
+    entries are then left to crosscoder/paper_loop.py's pass) of the candidate pairs, ordered by (token, snapshot,
+    latent); tested with the dense path's own float32 expressions (``_JumpStep`` in model.py), so the set is
     exact. Each token's candidates are laid out padded to the most any token has, [tokens, S, M], so that ``nonzero``
     lists the entries in bag order without a sort (in blocks of tokens of at most _EXPAND_CHUNK elements)."""
     B, S = pre.shape[0], norms.shape[1]
@@ -253,7 +250,7 @@ def paper_entries(pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tenso
         g = p[:, None, :] * norms_t[:, c].transpose(0, 1)  # [n, S, M]
         t = threshold[c][:, None, :]
         open_, window = g > t, (g - t).abs() < bandwidth / 2
-        bi, si, mi = ((open_ | window) & valid[:, None, :]).nonzero(as_tuple=True)
+        bi, si, mi = ((open_ | window if window_entries else open_) & valid[:, None, :]).nonzero(as_tuple=True)
         parts.append((idx[bi, mi], si, open_[bi, si, mi], window[bi, si, mi]))
     if parts:
         cand, snaps, open_, window = (torch.cat(q) for q in zip(*parts)) if len(parts) > 1 else parts[0]
@@ -335,12 +332,16 @@ class _PaperDecode(torch.autograd.Function):
 
 
 def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                  b_dec: torch.Tensor, threshold: torch.Tensor, norms: torch.Tensor,
-                  bandwidth: float) -> tuple[PaperActive, torch.Tensor, torch.Tensor]:
+                  b_dec: torch.Tensor, threshold: torch.Tensor, norms: torch.Tensor, bandwidth: float, c: float,
+                  window_pass: torch.Tensor | None = None
+                  ) -> tuple[PaperActive, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entries with differentiable values and decoder norms; reconstruction [B, S, D]; latents [B, F] = max over
-    snapshots of the code, clamped at 0, as the dense path's ``latents``: pre where open at some snapshot, else 0.
-    No loss term reads ``latents``, and here it carries no gradient.) ``norms`` [F, S]: the decoder norms without
-    gradient, as the entries were found with."""
+    snapshots of the code, clamped at 0, as the dense path's ``latents``: pre where open at some snapshot, else 0,
+    without gradient; the tanh-quad penalty's sums [F] over the entries, sum of tanh(c f ||W_dec[i, s]||): a closed
+    entry adds tanh(0) = 0). ``norms`` [F, S]: the decoder norms without gradient, as the entries were found with.
+
+    ``window_pass``: the pre-activations [B, F] when the entries are the open ones only; the closed entries inside
+    the threshold's window then get their gradient from crosscoder/paper_loop.py's pass over [B, F] per snapshot."""
     B = x.shape[0]
     F_, S, D = W_dec.shape
     values = _PaperEncode.apply(x.reshape(B, -1), W_enc.reshape(-1, F_), b_enc, threshold, e, bandwidth)
@@ -348,9 +349,13 @@ def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: 
     offsets = _offsets(bags, B * S)
     recon, entry_norms = _PaperDecode.apply(values, W_dec.reshape(F_ * S, D), norms.reshape(-1), e.cols * S + e.snaps,
                                             bags, offsets)
+    sums = torch.zeros(F_, dtype=values.dtype, device=x.device).index_add(0, e.cols, torch.tanh(c * (values * entry_norms)))
+    recon = recon.view(B, S, D)
+    if window_pass is not None:
+        recon, sums = closed_window_pass(recon, sums, threshold, window_pass, norms, W_dec, bandwidth, c)
     active = PaperActive(e.rows, e.snaps, e.cols, values, offsets, entry_norms)
     with torch.no_grad():
         any_open = torch.zeros(len(e.cand_rows), dtype=torch.bool, device=x.device).index_fill_(0, e.cand[e.open], True)
         latents = torch.zeros(B, F_, dtype=values.dtype, device=x.device).index_put_(
             (e.cand_rows[any_open], e.cand_cols[any_open]), e.cand_pre[any_open].to(values.dtype))
-    return active, recon.view(B, S, D) + b_dec, latents
+    return active, recon + b_dec, latents, sums

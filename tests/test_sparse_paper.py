@@ -1,5 +1,7 @@
-"""The sparse path of the paper activation (crosscoder/sparse.py) against its dense path: same forward outputs, loss
-terms and every parameter gradient (log_threshold's straight-through window entries included)."""
+"""The sparse paths of the paper activation (crosscoder/sparse.py) against its dense path: same forward outputs, loss
+terms and every parameter gradient (log_threshold's straight-through window entries included). Each test runs both
+sparse routes: the window entries listed, and only the open ones listed with the closed window entries' threshold
+gradient from crosscoder/paper_loop.py's pass ("route" below)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,14 @@ import torch
 
 from crosscoder import sparse
 from crosscoder.model import Crosscoder
+
+
+@pytest.fixture(params=["listed", "passed"])
+def route(request, monkeypatch):
+    """How the sparse path treats the closed entries inside the threshold's window: listed as entries (the candidate
+    cap lifted), or left to the window pass (cap 0: candidates are never few enough to list the window)."""
+    monkeypatch.setattr(sparse, "PAPER_MAX_CANDIDATES", 1.0 if request.param == "listed" else 0.0)
+    return request.param
 
 
 def pair(S: int, D: int, F: int, bias: float = 0.0, bandwidth: float = 0.3, log_t=(-2.5, -1.0)):
@@ -37,13 +47,11 @@ def run_both(dense: Crosscoder, fast: Crosscoder, x: torch.Tensor, l1_coef: floa
         results.append((out, terms, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (od, td, gd), (of, tf, gf) = results
     assert od.active is None and isinstance(of.active, sparse.PaperActive)  # each path really ran
-    assert of.snapshot_latents is None  # no [B, S, F] tensor on the sparse path
     assert gd.keys() == gf.keys() and "log_threshold" in gd
     torch.testing.assert_close(of.latents, od.latents)
     torch.testing.assert_close(of.pre_acts, od.pre_acts.detach())
     for s in range(x.shape[1]):  # the per-snapshot codes that analysis/splice.py decodes
-        torch.testing.assert_close(of.snapshot_code(s), od.snapshot_latents[:, s].detach())
-        torch.testing.assert_close(od.snapshot_code(s), od.snapshot_latents[:, s])
+        torch.testing.assert_close(of.snapshot_code(s), od.snapshot_code(s))
     torch.testing.assert_close(of.recon, od.recon, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tf.mse, td.mse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tf.sparsity, td.sparsity, rtol=1e-5, atol=1e-6)
@@ -63,29 +71,29 @@ def window_counts(model: Crosscoder, out) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("B,S,D,F", [(64, 3, 8, 256), (33, 2, 16, 512), (20, 5, 4, 64)])
-def test_sparse_paper_equals_dense_with_threshold_window_entries(B, S, D, F):
+def test_sparse_paper_equals_dense_with_threshold_window_entries(B, S, D, F, route):
     dense, fast = pair(S, D, F, bias=-0.1)
     x = torch.randn(B, S, D)
     x[5] = 0  # pre = b_enc < 0 everywhere: nothing open on this token
     x[6] = 0.01 * x[6]
     od, of = run_both(dense, fast, x)
     n_open, n_closed_window = window_counts(dense, od)
-    on = od.snapshot_latents != 0
+    on = torch.stack([od.snapshot_code(s) for s in range(S)], 1) != 0
     assert (on.any(1) & ~on.all(1)).any()  # a latent on at one snapshot and off at another
     assert n_closed_window > 10 and n_open > 10 and (od.latents[5] == 0).all()  # the cases that matter are there
     assert dense.log_threshold.grad.abs().sum() > 0
-    # the kept set is exactly the open entries and the closed ones in the window, nothing else
-    assert len(of.active.values) == n_open + n_closed_window
+    # the kept set is exactly the open entries and (listed) the closed ones in the window, nothing else
+    assert len(of.active.values) == n_open + (n_closed_window if route == "listed" else 0)
     assert int((of.active.values != 0).sum()) == n_open
 
 
-def test_sparse_paper_gradients_without_the_penalty():
+def test_sparse_paper_gradients_without_the_penalty(route):
     dense, fast = pair(2, 8, 128, bias=0.05, bandwidth=0.1)
     run_both(dense, fast, torch.randn(40, 2, 8), l1_coef=0.0)
 
 
 @pytest.mark.parametrize("bandwidth", [0.01, 0.3])
-def test_sparse_paper_with_nothing_open_in_the_whole_batch(bandwidth):
+def test_sparse_paper_with_nothing_open_in_the_whole_batch(bandwidth, route):
     # b_enc = -0.2: pre < 0 nearly everywhere, and g = pre * norm < 0 < t everywhere; with the wide window some closed
     # entries still get a threshold gradient, with the narrow one none
     dense, fast = pair(3, 8, 128, bias=-0.2, bandwidth=bandwidth)
@@ -94,16 +102,17 @@ def test_sparse_paper_with_nothing_open_in_the_whole_batch(bandwidth):
             model.W_enc.mul_(0.01)
     od, of = run_both(dense, fast, torch.randn(16, 3, 8))
     assert (od.latents == 0).all() and (of.active.values == 0).all()
-    assert (len(of.active.values) == 0) == (bandwidth < 0.1)
+    assert (len(of.active.values) == 0) == (bandwidth < 0.1 or route == "passed")
 
 
-def test_sparse_paper_under_no_grad_as_the_analysis_runs_it():
+def test_sparse_paper_under_no_grad_as_the_analysis_runs_it(route):
     dense, fast = pair(3, 8, 256, bias=-0.1)
     x = torch.randn(50, 3, 8)
     with torch.no_grad():
         od, of = dense.eval()(x), fast.eval()(x)
     torch.testing.assert_close(of.recon, od.recon, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.stack([of.snapshot_code(s) for s in range(3)], 1), od.snapshot_latents)
+    for s in range(3):
+        torch.testing.assert_close(of.snapshot_code(s), od.snapshot_code(s))
 
 
 def test_the_batch_density_chooses_the_paper_path():
@@ -121,9 +130,22 @@ def test_the_batch_density_chooses_the_paper_path():
         assert isinstance(out.active, sparse.PaperActive) == sparse_path, open_per_snapshot
         assert (out.latents > 0).sum(-1).float().mean().item() == pytest.approx(open_per_snapshot, rel=0.2)
     assert Crosscoder(S, 8, F, activation="paper", sparse=False)(x).active is None
-    # the preset's straight-through window (bandwidth 2 around t = 0.1) holds every entry at init: dense
+    # the preset's straight-through window (bandwidth 2 around t = 0.1) holds every entry: too many to list, so the
+    # sparse path lists the open entries only (the window's gradient from the pass) while few are open, and the
+    # dense path runs when many are
     preset = Crosscoder(S, 8, F, activation="paper", jumprelu_init_threshold=0.1, jumprelu_bandwidth=2.0)
-    assert preset(x).active is None
+    pre = preset.encode_pre(x).detach()
+    norm = preset.decoder_norms()[0, 0].item()
+    with torch.no_grad():
+        g = pre[:, None, :] * preset.decoder_norms().T
+        assert ((g - 0.1).abs() < 1.0).float().mean() > 0.99  # nearly every entry inside the window
+    for open_per_snapshot, sparse_path in [(600, False), (20, True)]:
+        with torch.no_grad():
+            preset.b_enc.fill_(0.1 / norm - pre.flatten().quantile(1 - open_per_snapshot / F).item())
+        out = preset(x)
+        assert isinstance(out.active, sparse.PaperActive) == sparse_path, open_per_snapshot
+        if sparse_path:  # the open entries only
+            assert (out.active.values > 0).all() and len(out.active.values) < 1.5 * open_per_snapshot * S * len(x)
 
 
 def test_candidates_are_a_superset_of_the_kept_entries():
