@@ -6,8 +6,10 @@
 No hub access: ONE random GPT-NeoX with pythia-160m's config (vocab 50,304, d_model 768, 12 layers, 12 heads,
 rotary 25%, parallel residual) and a byte-level BPE tokenizer trained on the offline stdlib corpus are saved to a
 temp folder, and the paper's 32 revisions step0..step143000 are symlinks to it (model.repo points there,
-corpus=stdlib). The run is the preset's (live data, 32 snapshots resident in bf16, 256-token micro-batches x 16,
-bf16-mixed, crosscoder=paper at d_sae 98,304) with validation and checkpoints off. Measured: the peak allocated GPU
+corpus=stdlib). The run is the preset's (live data, 32 snapshots resident in bf16, the paper's 4,096-token batch
+in one step, bf16-mixed, crosscoder=paper at d_sae 98,304) with validation and checkpoints off. Random weights give
+a dense code, so the crosscoder takes its dense path (crosscoder/paper_loop.py), the one of the first steps of a
+real run; the sparse one is timed by bench/step.py --paper. Measured: the peak allocated GPU
 memory (torch.cuda.max_memory_allocated), the snapshot models' forward throughput (their run() timed with CUDA
 synchronisation) and the crosscoder step's (training batches timed from start to end), and the whole run's
 tokens/s; printed beside the model's predictions for the same configuration; written to
@@ -37,7 +39,7 @@ TINY = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_h
             rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=True)
 # the smoke run: the preset's pipeline at tiny shapes, on 4 of the 32 revisions (all 32 symlinks exist)
 SMOKE_OVERRIDES = ["data.snapshots=[step0,step128,step8000,step143000]", "model.d_model=32", "model.layer=1", "model.context_length=64", "crosscoder.d_sae=512",
-                   "data.batch_size=64", "trainer.accumulate_grad_batches=2", "data.block_tokens=1024",
+                   "data.batch_size=64", "+trainer.accumulate_grad_batches=2", "data.block_tokens=1024",
                    "data.norm_tokens=1024", "data.forward_batch=4", "trainer.accelerator=cpu", "data.device=cpu"]
 
 
@@ -93,7 +95,7 @@ def run(cpu_smoke: bool, steps: int, workdir: str | None) -> dict:
                 torch.cuda.synchronize()
 
         timing = {"forward_s": 0.0, "forward_tokens": 0, "step_s": 0.0, "step_tokens": 0, "sparse_batches": 0,
-                  "batches": 0}
+                  "batches": 0, "routes": set()}
         models_run = datamodule.models.run
 
         def timed_run(ids, *args, **kwargs):
@@ -111,9 +113,10 @@ def run(cpu_smoke: bool, steps: int, workdir: str | None) -> dict:
             out = forward(x)
             timing["batches"] += 1
             timing["sparse_batches"] += out.active is not None
+            timing["routes"].add("dense" if out.active is None else "listed" if out.active.window_listed else "passed")
             return out
         module.crosscoder.forward = counted_forward
-        k = int(cfg.trainer.accumulate_grad_batches)
+        k = int(cfg.trainer.get("accumulate_grad_batches") or 1)
         warm = 1  # optimiser steps left out of the step timing (cuBLAS, allocator warm-up)
 
         class Timer(L.Callback):
@@ -135,8 +138,9 @@ def run(cpu_smoke: bool, steps: int, workdir: str | None) -> dict:
         fit_s = time.perf_counter() - t1
         measured_peak = torch.cuda.max_memory_allocated() if not cpu_smoke else None
     S, F = shape.S, shape.F
-    p_sparse, p_dense = prediction["paths"]["sparse"], prediction["paths"]["dense"]
-    path = "sparse" if timing["sparse_batches"] == timing["batches"] else "dense"
+    p_sparse, p_dense = prediction["paths"]["passed"], prediction["paths"]["dense"]
+    # the path most batches took (random-weight models: the code is dense at initialisation, as in a real run)
+    path = "dense" if "dense" in timing["routes"] else ("passed" if "passed" in timing["routes"] else "listed")
     predicted_phases = {k_: v for k_, v in prediction["paths"][path]["phases"].items() if k_ != "validation"}
     fwd_tps_pred = scale.GPUS["H200 141GB"]["bf16_flops"] * scale.FORWARD_EFFICIENCY / prediction["forward_flops_per_token"]
     result = {
@@ -151,15 +155,28 @@ def run(cpu_smoke: bool, steps: int, workdir: str | None) -> dict:
         "step_tokens_per_s": timing["step_tokens"] / max(timing["step_s"], 1e-9),
         "predicted_step_tokens_per_s": shape.batch / prediction["paths"][path]["step_seconds"],
         "predicted_step_tokens_per_s_dense": shape.batch / p_dense["step_seconds"],
-        "predicted_step_tokens_per_s_sparse": shape.batch / p_sparse["step_seconds"],
+        "predicted_step_tokens_per_s_passed": shape.batch / p_sparse["step_seconds"],
         "run_tokens_per_s": steps * shape.batch / fit_s,
     }
+    # the sparse path with the window passed, as the preset runs once the code is sparse: one measured step at the
+    # preset's shape (the smoke: a small one) of bench/scale.py's own setup, against the model
+    device = "cpu" if cpu_smoke else "cuda"
+    sp_shape = (4, 32, 2048, 256) if cpu_smoke else (S, shape.D, F, shape.batch)
+    torch.cuda.empty_cache() if not cpu_smoke else None
+    t = time.perf_counter()
+    m = scale.measure_step(*sp_shape, "passed", device)
+    timed = scale.measure_step_time(*sp_shape, "passed", device)
+    result["passed_step"] = {"shape": sp_shape, "route": m["route"], "measured_peak_bytes": m["peak_bytes"],
+                             "predicted_peak_bytes": scale.model_for(m)["peak_bytes"],
+                             "measured_tokens_per_s": sp_shape[3] / timed,
+                             "predicted_tokens_per_s": sp_shape[3] / p_sparse["step_seconds"] if not cpu_smoke else None,
+                             "seconds": time.perf_counter() - t}
     return result
 
 
 def report(r: dict) -> None:
     def gb(b):
-        return "n/a (CPU)" if b is None else f"{b / 1e9:.1f} GB"
+        return "n/a (CPU)" if b is None else f"{b / 1e9:.2f} GB"
     print(f"\n{r['device']}: S={r['S']} D={r['D']} d_sae={r['F']}, micro-batch {r['micro_batch']} x {r['accumulate']}, "
           f"{r['optimiser_steps']} optimiser steps, crosscoder path: {r['path']} "
           f"({r['sparse_batches']} of {r['batches']} batches sparse)")
@@ -171,8 +188,13 @@ def report(r: dict) -> None:
           f"{r['predicted_forward_tokens_per_s']:,.0f} |")
     print(f"| crosscoder step, tokens/s ({r['path']} path) | {r['step_tokens_per_s']:,.0f} | "
           f"{r['predicted_step_tokens_per_s']:,.0f} (dense {r['predicted_step_tokens_per_s_dense']:,.0f}, "
-          f"sparse {r['predicted_step_tokens_per_s_sparse']:,.0f}) |")
+          f"passed {r['predicted_step_tokens_per_s_passed']:,.0f}) |")
     print(f"| whole fit, tokens/s (incl. the first block's forwards) | {r['run_tokens_per_s']:,.0f} | |")
+    p = r["passed_step"]
+    pred = "" if p["predicted_tokens_per_s"] is None else f"{p['predicted_tokens_per_s']:,.0f}"
+    print(f"| sparse step (window passed), S D F B = {p['shape']}: peak allocated | {gb(p['measured_peak_bytes'])} | "
+          f"{gb(p['predicted_peak_bytes'])} |")
+    print(f"| sparse step (window passed): tokens/s | {p['measured_tokens_per_s']:,.0f} | {pred} |")
 
 
 def main(argv=None) -> int:

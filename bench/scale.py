@@ -17,10 +17,10 @@ The model (every term from the shapes and the code that allocates it):
                norm's gradient) beside the new gradients.
   snapshot     the S GPT-NeoX snapshot models truncated after the hooked layer (embedding + layers 0..L), in
   models       data.model_dtype; resident on the device, or one at a time (data.placement=rotate).
-  live data    the block buffer [block_tokens + one window, S, D] in data.buffer_dtype, twice while a block is
-               built (data/live.py concatenates the window carried over from the previous block), the block's
-               permutation, the batch and the kept validation activations (<= data.keep_val_bytes), and the
-               snapshot model's forward transients (hidden states and the MLP's [tokens, 4D]).
+  live data    the block buffer [block_tokens + one window, S, D] in data.buffer_dtype (data/live.py writes the
+               models' outputs into it in place), the block's permutation, the batch and the kept validation
+               activations (<= data.keep_val_bytes), and the snapshot model's forward transients (hidden states and
+               the MLP's [tokens, 4D]).
 
 Time: GEMM FLOPs at a stated fraction of the GPU's published dense bf16 rate, plus the bytes that memory-bound
 passes move (Adam, gradient fills, the [B,S,F] element-wise passes of the dense path) at a fraction of its
@@ -99,51 +99,53 @@ def persistent_bytes(S: int, D: int, F: int, activation: str = "paper", param_by
     return {"params": n * param_bytes, "grads": n * param_bytes, "adam": 2 * n * param_bytes, "n_params": n}
 
 
+PATHS = ("dense", "listed", "passed")  # crosscoder/model.py _forward_paper's three implementations
+
+
 def step_transient_bytes(S: int, D: int, F: int, B: int, path: str, autocast: bool = True,
                          entries_per_token_snapshot: float = 0.0, pairs_per_token: float | None = None) -> dict:
-    """Peak bytes the crosscoder step allocates above the persistent state, for activation "paper".
+    """Peak bytes the paper crosscoder's step allocates above the persistent state (parameters, gradients, Adam).
 
-    path "dense": the forward's peak, in loss_terms (crosscoder/model.py _forward_paper + loss_terms): alive are
-      pre [B,F] fp32, g = pre * norm, the fp32 gates, the per-snapshot code (all [B,S,F] fp32, saved for the
-      backward), the code's bf16 copy saved by the decoder's bmm, the penalty's contribution, its c * contribution
-      and tanh ([B,S,F] fp32), and latents' amax / clamp ([B,F] fp32); the bf16 copy of W_dec (autocast) beside.
-      26 bytes per [B,S,F] element under autocast (fp32: no bf16 copies, 24).
-    path "sparse" (measured order of allocation, bench/scale.py --trace): the largest of
-      the encoder GEMM: W_enc's bf16 cast [S*D, F] (autocast; W_enc.reshape is not a leaf, so it is not cached)
-        and the bf16 output [B,F];
+    Common: pre [B,F] fp32 (saved; the bf16 GEMM output beside it while the bias is added) and latents [B,F] fp32
+    (an output, alive through the backward); under autocast the encoder GEMM's bf16 copies of W_enc [S*D,F] and
+    x [B,S*D], saved for its backward on the dense path.
+    path "dense" (crosscoder/paper_loop.py paper_dense; every [B,S,F] quantity one snapshot at a time), the
+      backward's peak at one snapshot: besides pre, latents and grad_pre (4 each), the gates (open, window: 1 each),
+      the code f, dL/df and the penalty's derivative (4 each), the bf16 GEMM outputs and their fp32 copies and the
+      element-wise chain's temporaries: 42 bytes per [B,F] element measured at three shapes (bench/scale.py
+      validation); plus 2 x S*D*F (W_enc's bf16 copy) and one W_dec[:, s] slice per snapshot GEMM.
+    path "listed" (crosscoder/sparse.py, the window's entries listed), the largest of:
+      the encoder GEMM: W_enc's bf16 cast [S*D,F] (autocast; not a leaf, not cached) and the bf16 output [B,F];
       the bias add: the output converted to fp32 and the fp32 sum (with the bf16 output: 10 bytes per [B,F]);
       the entries: pre and the latents (fp32) and the candidate mask (bool), 9 bytes per [B,F], plus per kept
         (token, snapshot, latent) entry N = entries x B x S: cand, rows, snaps, cols (int64), pre (fp32), open and
         window (bool) = 38 bytes, and values, bag index, tanh and index temporaries (36 bytes); per candidate
         (token, latent) pair cand_rows, cand_cols, cand_pre (20 bytes); the expansion chunk (candidates x S,
         padded, at most sparse._EXPAND_CHUNK elements, ~20 bytes each);
-      the backward: zero_grad has freed the old gradients, so the new gradients add nothing above the
-        persistent state (W_dec's is formed in its own layout, the norms' term folded in); pre and the latents
-        (8 bytes per [B,F]) and the entries stay alive, with the encoder gradient's CSR operand (pairs x 20 bytes,
-        F x 16); for W_enc at most sparse.ROW_MAJOR_GRAD_MAX elements (small shapes only) its gradient is formed
-        row-major and transposed, one more [S*D, F] fp32 copy.
-    """
-    bsf, bf, sdf = B * S * F, B * F, S * D * F
+      the backward: pre and the latents (8 bytes per [B,F]) and the entries, with the encoder gradient's CSR
+        operand (pairs x 20 bytes, F x 16).
+    path "passed" (the open entries listed; the closed window entries by paper_loop's pass): as "listed" with the
+      open entries only, and the window pass, which runs first in the backward: pre and latents (8 bytes per
+      [B,F]), and per snapshot g - t (4), the two masks and their AND (3), the masked pre (4) and its GEMM-dtype
+      copy (2): 21 bytes per [B,F] element (on CUDA the pass is one compiled kernel: 8 + 2)."""
+    bf, sdf = B * F, S * D * F
+    gemm = (2 * sdf + 2 * bf) if autocast else 4 * bf
     if path == "dense":
-        per_bsf = 26 if autocast else 24
-        fwd = per_bsf * bsf + 16 * bf + (2 * sdf if autocast else 0) + 8 * B * S * D
-        return {"peak": fwd, "forward": fwd, "backward": None}
-    if path != "sparse":
-        raise ValueError(f"path: '{path}' is not dense or sparse")
+        fwd = 42 * bf + (2 * sdf + 2 * B * S * D if autocast else 0) + 4 * F * D + 8 * B * S * D
+        return {"peak": fwd, "forward": fwd, "backward": fwd}
+    if path not in ("listed", "passed"):
+        raise ValueError(f"path: '{path}' is not one of {PATHS}")
     N = entries_per_token_snapshot * B * S
     C = pairs_per_token * B if pairs_per_token is not None else min(N, bf)
     # paper_entries expands the candidates padded to the most any token has (taken as 1.5x the mean), in chunks of
     # at most sparse._EXPAND_CHUNK elements, ~20 bytes each (g, t, the masks, the gathered norms and indices)
     chunk = 20 * min(1 << 22, 1.5 * C * S)
-    gemm = (2 * sdf + 2 * bf) if autocast else 4 * bf
     add = 10 * bf if autocast else 8 * bf
     entries = 9 * bf + 74 * N + 20 * C + chunk
     fwd = max(gemm, add, entries) + 6 * B * S * D
-    # below sparse.ROW_MAJOR_GRAD_MAX elements (where the code has that branch) W_enc's gradient is formed row-major
-    # and transposed: one more copy
-    from crosscoder import sparse
-    row_major_max = getattr(sparse, "ROW_MAJOR_GRAD_MAX", 0)
-    bwd = 8 * bf + 74 * N + 20 * C + 16 * F + 6 * B * S * D + (4 * sdf if sdf <= row_major_max else 0)
+    bwd = 8 * bf + 74 * N + 20 * C + 16 * F + 6 * B * S * D
+    if path == "passed":
+        bwd = max(bwd, 74 * N + 20 * C + (21 if autocast else 19) * bf + 8 * B * S * D)
     return {"peak": max(fwd, bwd), "forward": fwd, "backward": bwd}
 
 
@@ -151,9 +153,9 @@ def step_transient_bytes(S: int, D: int, F: int, B: int, path: str, autocast: bo
 def live_bytes(S: int, D: int, context: int, block_tokens: int, batch: int, buffer_dtype: str, model_dtype: str,
                model_params: int, forward_batch: int, val_tokens: int, keep_val_bytes: int, placement: str,
                n_heads: int, drop_first: int = 1) -> dict:
-    """data/live.py on the device: the snapshot models, the block buffer (twice while a block is built: the windows'
-    output and its concatenation with the carried window), the block permutation (int64), the batch gather (buffer
-    dtype) and its fp32 copy, the kept validation activations, and one forward's transients (hidden states
+    """data/live.py on the device: the snapshot models, the block buffer (the models write into it in place, so one
+    copy while a block is built, beside one forward's transients), the block permutation (int64), the batch gather
+    (buffer dtype) and its fp32 copy, the kept validation activations, and one forward's transients (hidden states
     [fb, T, D] x 4 and the MLP's [fb, T, 4D] x 2 in the model dtype; attention by SDPA kernels, no [T, T])."""
     T = context - drop_first
     buf, mdt = DTYPE_BYTES[buffer_dtype], DTYPE_BYTES[model_dtype]
@@ -163,7 +165,7 @@ def live_bytes(S: int, D: int, context: int, block_tokens: int, batch: int, buff
     models = model_params * mdt * (S if placement == "resident" else 1)
     forward = forward_batch * context * D * mdt * (4 + 2 * 4)
     batch_bytes = batch * S * D * (buf + 4) + block_tokens * 8
-    return {"models": models, "block": block, "block_build": 2 * block + forward, "batch": batch_bytes,
+    return {"models": models, "block": block, "block_build": block + forward, "batch": batch_bytes,
             "val_kept": val if val <= keep_val_bytes else 0, "forward": forward}
 
 
@@ -174,38 +176,55 @@ def forward_flops_per_token(model_params_kept_nonembed: int, n_layers_kept: int,
     return 2 * model_params_kept_nonembed + n_layers_kept * 2 * context * D
 
 
+# Bytes moved per [B, S, F] element by the element-wise kernels of a step (read + written, counted op by op in the
+# code; ops on [F]-sized vectors neglected):
+#   dense (paper_loop.paper_dense, eager): forward ~80 (gates, the code, its bf16 copy for the GEMM, the tanh
+#     chain of the penalty, the any-open mask), backward ~220 (the gates again, dL/df's bf16 GEMM output and its
+#     fp32 copy, the penalty's derivative chain, the decoder norms' term, grad_pre and the threshold's estimate);
+#   passed (the closed window entries' pass, paper_loop.closed_window_pre, once per snapshot in the backward):
+#     compiled into one kernel (CUDA): pre read (4), the masked pre written in bf16 (2), read by the GEMM (2);
+#     eager: g - t (16), the masks (13), the masked pre (9), its bf16 copy (6), the GEMM's read (2).
+ELEMENTWISE_BYTES = {"dense": 300, "passed": 8, "passed_eager": 46}
+
+
 def step_time(S: int, D: int, F: int, B: int, micro: int, path: str, gpu: dict, entries_per_token_snapshot: float = 0.0,
-              pairs_per_token: float = 0.0, devices: int = 1) -> dict:
+              pairs_per_token: float = 0.0, devices: int = 1, compiled: bool = True) -> dict:
     """Seconds per optimiser step of B tokens in micro-batches of ``micro`` (trainer.accumulate_grad_batches = B /
     micro): GEMM FLOPs at GEMM_EFFICIENCY of the bf16 peak plus memory traffic at BANDWIDTH_EFFICIENCY of the bandwidth.
 
     Traffic in bytes per W_enc-sized element (S*D*F fp32 elements; W_dec has as many):
       per optimiser step: fused Adam reads p, g, m, v and writes p, m, v of both matrices (2 x 28);
-      per micro-batch, sparse path: W_enc's bf16 cast (4 read + 2 written) and the GEMM's read of it (2); decoder
+      per micro-batch, sparse paths: W_enc's bf16 cast (4 read + 2 written) and the GEMM's read of it (2); decoder
         norms read twice (2 x 4); W_dec's gradient formed in its own layout with the norms' term folded in (W_dec
         read 4, gradient written 4); W_enc's gradient written (4); with accumulation both new gradients are added
         into .grad (2 x 12): 28 (+ 24);
-      per micro-batch, dense path: W_enc's and W_dec's bf16 casts (2 x 6) and three GEMM reads of them (3 x 2); the
-        bf16 weight gradients written and converted to fp32 (2 x (2 + 2 + 4)); decoder norms and their backward
-        (4 + 4 + 4 + 12): 58 (+ 24).
-    Per token: dense: 10 S D F FLOPs and ~34 passes of 4 bytes over its [S, F] entries (the forward's nine [B,S,F]
-    tensors written and read, the backward's); sparse: the encoder GEMM (2 S D F), per kept entry a D-row gather and
-    scatter (6 D FLOPs, 12 D bytes), per candidate pair a row of x read for the encoder gradient (4 S D bytes), and
-    ~40 bytes per [B, F] element (pre, masks, latents). Under FSDP (``devices`` > 1) each device runs B / devices
-    tokens, its Adam shard, and all-gathers the bf16 weights twice and reduce-scatters the bf16 gradients once per
-    micro-batch (3 x 2 bytes x 2 S D F, at ~350 GB/s of NVLink per device)."""
+      per micro-batch, dense path: W_enc's bf16 cast and the GEMM's read (8); per snapshot W_dec's slice cast to bf16
+        for three GEMMs (3 x 6); the gradients written (2 x 4) and W_dec read for the norms' term (4); decoder norms
+        (8): 46 (+ 24).
+    FLOPs per token: dense: 10 S D F (encoder, decoder, dL/df, W_dec's and W_enc's gradients); listed: the encoder
+    GEMM (2 S D F) and per kept entry a D-row gather and scatter (6 D FLOPs, 12 D bytes), per candidate pair a row of
+    x read for the encoder gradient (4 S D bytes), and ~40 bytes per [B, F] element (pre, masks, latents); passed:
+    listed's over the open entries, plus the window pass's GEMM (2 S D F) and its element-wise bytes
+    (ELEMENTWISE_BYTES; ``compiled`` False: the eager kernels). Under FSDP (``devices`` > 1) each device runs
+    B / devices tokens, its Adam shard, and all-gathers the bf16 weights twice and reduce-scatters the bf16
+    gradients once per micro-batch (3 x 2 bytes x 2 S D F, at ~350 GB/s of NVLink per device)."""
     sdf = S * D * F
     k = max(1, B // (micro * devices))  # micro-batches per device per optimiser step
     accum = 24 if k > 1 else 0
     b = B / devices  # tokens per device per step
     if path == "dense":
         flops = 10 * b * sdf
-        traffic = 2 * 28 * sdf / devices + k * (58 + accum) * sdf + 34 * 4 * b * S * F
-    else:
+        traffic = 2 * 28 * sdf / devices + k * (46 + accum) * sdf + ELEMENTWISE_BYTES["dense"] * b * S * F + 40 * b * F
+    elif path in ("listed", "passed"):
         N = entries_per_token_snapshot * b * S
         flops = 2 * b * sdf + 6 * N * D
         traffic = (2 * 28 * sdf / devices + k * (28 + accum) * sdf + 12 * N * D + 4 * pairs_per_token * b * S * D
                    + 40 * b * F)
+        if path == "passed":  # the window pass: its GEMM, its element-wise bytes, and a read of W_dec per micro-batch
+            flops += 2 * b * sdf
+            traffic += ELEMENTWISE_BYTES["passed" if compiled else "passed_eager"] * b * S * F + k * 4 * sdf
+    else:
+        raise ValueError(f"path: '{path}' is not one of {PATHS}")
     t_flops = flops / (gpu["bf16_flops"] * GEMM_EFFICIENCY)
     t_mem = traffic / (gpu["bandwidth"] * BANDWIDTH_EFFICIENCY)
     t_comm = 0.0 if devices == 1 else k * 3 * 2 * 2 * sdf * (devices - 1) / devices / 350e9
@@ -270,12 +289,17 @@ HOST_TO_DEVICE = 20e9  # bytes/s moving a snapshot model host -> device (data.pl
 
 
 def predict(run: RunShape, gpu_name: str = "H200 141GB", entries_per_token_snapshot: float = 64.0,
-            pairs_per_token: float | None = None) -> dict:
-    """Peak memory per device and hours for the whole run, for each crosscoder path (the dense path runs while the
-    paper code is dense, e.g. from initialisation; the sparse path once few entries are open or in the window).
+            pairs_per_token: float | None = None, open_per_token_snapshot: float = 40.0) -> dict:
+    """Peak memory per device and hours for the whole run, for each path of the paper crosscoder, as if every step
+    took it (the dense path runs while the code is dense, from initialisation; "passed" once few entries are open,
+    at the paper's wide window; "listed" at a narrow window). ``hours_per_dense_percent``: what each 1% of the steps
+    on the dense path adds to the "passed" run.
 
-    entries_per_token_snapshot: kept (open or in-window) entries of the paper code per token and snapshot on the
-    sparse path (default 64: ~40 open at a trained code's density plus window entries)."""
+    Densities (stated, not measured: no trained paper crosscoder at this scale here): "listed" keeps
+    ``entries_per_token_snapshot`` entries per token and snapshot (default 64: ~40 open plus window entries) from
+    ``pairs_per_token`` candidate pairs (default twice that); "passed" lists the open entries only,
+    ``open_per_token_snapshot`` (default 40: the issue's "~40 open latents per snapshot", the paper's L0 of 30-40),
+    from 1.2x as many pairs (a latent open at some snapshot of a token is open at most of them)."""
     gpu = GPUS[gpu_name]
     arch = NEOX[run.model]
     kept = run.layer + 1
@@ -296,15 +320,18 @@ def predict(run: RunShape, gpu_name: str = "H200 141GB", entries_per_token_snaps
     val_chunk = 2 * run.forward_batch * T * run.S * run.D * DTYPE_BYTES[run.buffer_dtype]  # acts + pending (live.py)
     pairs = pairs_per_token if pairs_per_token is not None else 2 * entries_per_token_snapshot
     held = shard + fsdp_full + data["models"] + data["val_kept"]
+    density = {path: (entries_per_token_snapshot, pairs) for path in PATHS}
+    density["passed"] = (open_per_token_snapshot, 1.2 * open_per_token_snapshot)
     paths = {}
-    for path in ("dense", "sparse"):
+    for path in PATHS:
+        n_entries, n_pairs = density[path]
         tr = step_transient_bytes(run.S, run.D, run.F, run.micro_batch, path,
-                                  entries_per_token_snapshot=entries_per_token_snapshot, pairs_per_token=pairs)["peak"]
+                                  entries_per_token_snapshot=n_entries, pairs_per_token=n_pairs)["peak"]
         phases = {"step": held + data["block"] + data["batch"] + tr,
                   "block_build": held + data["block_build"],
                   "validation": held + data["block"] + (0 if data["val_kept"] else val_chunk) + tr}
         peak = max(phases.values())
-        t = step_time(run.S, run.D, run.F, run.batch, run.micro_batch, path, gpu, entries_per_token_snapshot, pairs,
+        t = step_time(run.S, run.D, run.F, run.batch, run.micro_batch, path, gpu, n_entries, n_pairs,
                       run.devices)
         paths[path] = {"peak_bytes": peak, "phases": phases, "step_transient": tr, "fits": peak <= gpu["memory"],
                        "step_seconds": t["seconds"], "gemm_s": t["gemm_s"], "memory_s": t["memory_s"],
@@ -318,6 +345,10 @@ def predict(run: RunShape, gpu_name: str = "H200 141GB", entries_per_token_snaps
         blocks = run.tokens / run.devices / run.block_tokens
         rotate_s = blocks * run.S * mparams * DTYPE_BYTES[run.model_dtype] / HOST_TO_DEVICE
     hours = {path: (steps * paths[path]["step_seconds"] + fwd_s + rotate_s) / 3600 for path in paths}
+    eager = step_time(run.S, run.D, run.F, run.batch, run.micro_batch, "passed", gpu, *density["passed"], run.devices,
+                      compiled=False)["seconds"]
+    hours["passed_eager"] = (steps * eager + fwd_s + rotate_s) / 3600
+    per_dense_percent = steps / 100 * (paths["dense"]["step_seconds"] - paths["passed"]["step_seconds"]) / 3600
     return {
         "run": asdict(run), "gpu": gpu_name, "placement": placement, "crosscoder_params": n,
         "snapshot_model_params": mparams, "persistent_bytes": shard, "fsdp_full_bytes": fsdp_full,
@@ -326,25 +357,30 @@ def predict(run: RunShape, gpu_name: str = "H200 141GB", entries_per_token_snaps
         "paths": paths, "steps": steps, "activation_disk_bytes_live": 0,
         "activation_disk_bytes_shards": run.tokens * run.S * run.D * 2,  # float16 cache, 800M tokens x S x D
         "forward_flops_per_token": fwd_flops_token, "forward_hours": fwd_s / 3600, "rotate_hours": rotate_s / 3600,
-        "hours": hours, "entries_per_token_snapshot": entries_per_token_snapshot,
+        "hours": hours, "hours_per_dense_percent": per_dense_percent,
+        "entries_per_token_snapshot": entries_per_token_snapshot, "open_per_token_snapshot": open_per_token_snapshot,
     }
 
 
 # ---- measurement ----------------------------------------------------------------------------------------------------
 def _paper_setup(S: int, D: int, F: int, B: int, path: str, device: str, open_per_snapshot: int = 16, seed: int = 0):
-    """A paper crosscoder and a batch. dense: the preset's init (threshold 0.1, bandwidth 2: every entry in the
-    window, so the dense path runs, as at the start of training). sparse: bandwidth 0.001 and the threshold set so
-    that about ``open_per_snapshot`` latents are open per token and snapshot (a trained code's density)."""
+    """A paper crosscoder and a batch, for each path of crosscoder/model.py's _forward_paper:
+    dense: the preset's init (threshold 0.1, bandwidth 2: every entry in the window, a third open), forced dense;
+    listed: bandwidth 0.001 (the window's entries few enough to list) and the threshold set so that about
+      ``open_per_snapshot`` latents are open per token and snapshot (a trained code's density);
+    passed: the paper's bandwidth 2 (nearly every entry in the window) at that density: the open entries listed, the
+      window by crosscoder/paper_loop.py's pass (what the preset runs once the code is sparse)."""
     import torch
 
     from crosscoder.model import Crosscoder
+    if path not in ("dense", "listed", "passed"):
+        raise ValueError(f"path: '{path}' is not dense, listed or passed")
     torch.manual_seed(seed)
-    if path == "dense":
-        cc = Crosscoder(S, D, F, activation="paper", jumprelu_init_threshold=0.1, jumprelu_bandwidth=2.0, sparse=False)
-        x = torch.randn(B, S, D)
-    else:
-        cc = Crosscoder(S, D, F, activation="paper", jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.001, sparse=True)
-        x = torch.randn(B, S, D)
+    bandwidth = 0.001 if path == "listed" else 2.0
+    cc = Crosscoder(S, D, F, activation="paper", jumprelu_init_threshold=0.1, jumprelu_bandwidth=bandwidth,
+                    sparse=False if path == "dense" else None)
+    x = torch.randn(B, S, D)
+    if path != "dense":
         with torch.no_grad():
             cc.W_dec.mul_(torch.rand(F, S, 1) + 0.5)
             g = (cc.encode_pre(x[:32])[:, None, :] * cc.decoder_norms().T).flatten()
@@ -361,19 +397,10 @@ def _state_bytes(cc, opt) -> int:
     return b
 
 
-def measure_step(S: int, D: int, F: int, B: int, path: str, device: str = "cpu", autocast: bool = True) -> dict:
-    """Peak allocated bytes of the paper crosscoder's training step, in Lightning's order (forward under autocast,
-    zero_grad(set_to_none), backward, fused Adam step), after a warm-up step (gradients and Adam state exist).
-
-    CPU: torch.profiler(profile_memory=True) records every allocation and free of the CPU allocator with its time;
-    the running sum over the last of two profiled steps, from its start, is the step's transient peak (the first
-    profiled step frees the blocks allocated before profiling began, whose frees the profiler cannot size). Plus the
-    state that exists at the step's start (parameters, gradients, Adam moments, the batch), summed from the tensors.
-    CUDA: torch.cuda.max_memory_allocated over one step after reset_peak_memory_stats."""
+def _paper_training_step(S: int, D: int, F: int, B: int, path: str, device: str, autocast: bool = True):
+    """(crosscoder, batch, step): one training step in Lightning's order (forward under autocast, zero_grad
+    (set_to_none), backward, fused Adam step), returning the forward's output."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from crosscoder import sparse as sp
     cc, x = _paper_setup(S, D, F, B, path, device)
     opt = torch.optim.Adam(cc.parameters(), lr=1e-5, fused=True)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -387,14 +414,35 @@ def measure_step(S: int, D: int, F: int, B: int, path: str, device: str = "cpu",
         loss.backward()
         opt.step()
         return out
+    step.optimizer = opt
+    return cc, x, step
+
+
+def measure_step(S: int, D: int, F: int, B: int, path: str, device: str = "cpu", autocast: bool = True) -> dict:
+    """Peak allocated bytes of the paper crosscoder's training step, in Lightning's order (forward under autocast,
+    zero_grad(set_to_none), backward, fused Adam step), after a warm-up step (gradients and Adam state exist).
+
+    CPU: torch.profiler(profile_memory=True) records every allocation and free of the CPU allocator with its time;
+    the running sum over the last of two profiled steps, from its start, is the step's transient peak (the first
+    profiled step frees the blocks allocated before profiling began, whose frees the profiler cannot size). Plus the
+    state that exists at the step's start (parameters, gradients, Adam moments, the batch), summed from the tensors.
+    CUDA: torch.cuda.max_memory_allocated over one step after reset_peak_memory_stats."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from crosscoder import sparse as sp
+    cc, x, step = _paper_training_step(S, D, F, B, path, device, autocast)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
     out = step()
     took_sparse = out.active is not None
+    route = "dense" if not took_sparse else "listed" if out.active.window_listed else "passed"
     n_entries = len(out.active.rows) if took_sparse else 0
-    with torch.no_grad():
+    with torch.no_grad():  # the candidate pairs the route expanded (open ones only when the window is passed)
         pre = cc.encode_pre(x)
-        pairs = int(sp.paper_candidates(pre, cc.decoder_norms(), cc.log_threshold.exp(), cc.jumprelu_bandwidth).sum())
+        bw = 0.0 if route == "passed" else cc.jumprelu_bandwidth
+        pairs = int(sp.paper_candidates(pre, cc.decoder_norms(), cc.log_threshold.exp(), bw).sum())
     del out, pre
-    state = _state_bytes(cc, opt) + x.numel() * x.element_size()
+    state = _state_bytes(cc, step.optimizer) + x.numel() * x.element_size()
     t0 = time.perf_counter()
     if dev_type == "cuda":
         torch.cuda.synchronize()
@@ -420,10 +468,27 @@ def measure_step(S: int, D: int, F: int, B: int, path: str, device: str = "cpu",
             if base is not None and e.start_ns() <= hi:
                 transient = max(transient, running - base)
         total = state + transient
-    return {"S": S, "D": D, "F": F, "B": B, "path": path, "device": device, "sparse_ran": took_sparse,
+    return {"S": S, "D": D, "F": F, "B": B, "path": path, "device": device, "sparse_ran": took_sparse, "route": route,
             "entries_per_token_snapshot": n_entries / (B * S), "pairs_per_token": pairs / B,
             "state_bytes": state, "transient_bytes": transient, "peak_bytes": total,
             "seconds": time.perf_counter() - t0}
+
+
+def measure_step_time(S: int, D: int, F: int, B: int, path: str, device: str = "cpu", steps: int = 3) -> float:
+    """Seconds per training step (forward under bf16 autocast, backward, fused Adam), the mean of ``steps`` after
+    one warm-up step (on CUDA also the first call of the compiled window pass)."""
+    import torch
+    _, _, step = _paper_training_step(S, D, F, B, path, device)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    step()
+    if dev_type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev_type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def model_for(m: dict, autocast: bool = True) -> dict:
@@ -438,8 +503,9 @@ def model_for(m: dict, autocast: bool = True) -> dict:
 
 def measure_block(S: int = 4, D: int = 64, context: int = 64, block_tokens: int = 4096, device: str = "cpu") -> dict:
     """Peak bytes of data/live.py's LiveActivationDataModule.block (the real method, on a stand-in holding its
-    fields) building a block that starts inside the carried window: the S models' output for the block's windows
-    and its concatenation with the carried window. Random GPT-NeoX snapshots (2 layers) saved to a temp folder."""
+    fields) building a block that starts inside the carried window: one buffer for the block and its windows, written
+    in place by the S models, and their forward's transients. Random GPT-NeoX snapshots (2 layers) saved to a temp
+    folder."""
     import tempfile
     from types import SimpleNamespace
 
@@ -460,7 +526,7 @@ def measure_block(S: int = 4, D: int = 64, context: int = 64, block_tokens: int 
                                 "resident", forward_batch=4)
         T = context - 1
         stand_in = SimpleNamespace(block_tokens=block_tokens, T=T, models=models, drop_first=1,
-                                   buffer_dtype=torch.bfloat16)
+                                   buffer_dtype=torch.bfloat16, n_snapshots=S, d_model=D)
         rng = np.random.default_rng(0)
         windows = (rng.integers(0, 256, context) for _ in iter(int, 1))
         k = 1
@@ -475,7 +541,7 @@ def measure_block(S: int = 4, D: int = 64, context: int = 64, block_tokens: int 
             peak = max(peak, running)
     predicted = live_bytes(S, D, context, block_tokens, 1, "bfloat16", "float32", 0, 4, 0, 0, "resident", 4)
     return {"S": S, "D": D, "context": context, "block_tokens": block_tokens, "measured_peak": peak,
-            "predicted_build_buffers": 2 * predicted["block"], "tokens": len(tokens)}
+            "predicted_block": predicted["block"], "tokens": len(tokens)}
 
 
 def check_param_formula() -> list[dict]:
@@ -499,23 +565,24 @@ def check_param_formula() -> list[dict]:
     return rows
 
 
-VALIDATION_SHAPES = [  # (S, D, F, B): scaled down; S from 4 to 32, B / F and S*D / B varied; the last two above
-    # sparse.ROW_MAJOR_GRAD_MAX (W_enc's gradient by the CSR product, the branch every paper-scale shape takes)
-    (4, 64, 2048, 256), (8, 64, 4096, 256), (16, 32, 4096, 128), (32, 48, 2048, 256), (8, 128, 8192, 256),
-    (32, 64, 4096, 128)]
+VALIDATION_SHAPES = [  # (S, D, F, B): scaled down; S from 4 to 32, B / F and S*D / B varied; the paper's shape is
+    # [B, F]-dominated (B F = 4e8 against S D = 24,576), as the first and last are
+    (4, 32, 8192, 512), (8, 64, 4096, 256), (16, 32, 4096, 128), (32, 48, 2048, 256), (4, 128, 4096, 1024)]
 
 
 def validate(device: str = "cpu", shapes=None) -> list[dict]:
     import torch
     rows = []
     for S, D, F, B in shapes or VALIDATION_SHAPES:
-        for path in ("dense", "sparse"):
+        for path in PATHS:
             m = measure_step(S, D, F, B, path, device)
+            if m["route"] != path:
+                raise RuntimeError(f"validation S={S} D={D} F={F} B={B}: set up for the {path} path, {m['route']} ran")
             p = model_for(m)
             rows.append({**m, "predicted_peak": p["peak_bytes"], "predicted_transient": p["transient_bytes"],
                          "ratio": p["peak_bytes"] / m["peak_bytes"],
                          "transient_ratio": p["transient_bytes"] / max(m["transient_bytes"], 1)})
-            print(f"  {device} S={S:<3} D={D:<4} F={F:<5} B={B:<4} {path:<6} (sparse ran: {m['sparse_ran']}, "
+            print(f"  {device} S={S:<3} D={D:<4} F={F:<5} B={B:<4} {path:<6} ("
                   f"{m['entries_per_token_snapshot']:.1f} entries/token/snapshot)  measured {m['peak_bytes'] / 1e6:7.1f} MB"
                   f"  predicted {p['peak_bytes'] / 1e6:7.1f} MB  ratio {rows[-1]['ratio']:.3f}"
                   f"  (step transient {m['transient_bytes'] / 1e6:6.1f} vs {p['transient_bytes'] / 1e6:6.1f} MB)",
@@ -536,19 +603,16 @@ def compose(overrides: list[str]):
 
 
 def preset_predictions(preset: str, sizes: list[int] | None = None) -> list[dict]:
-    """For each dictionary size of the preset and each GPU: the preset as it is, the micro-batch that fits on that
-    GPU, and the run without accumulation (the whole batch at once)."""
+    """For each dictionary size of the preset and each GPU: the preset's prediction, and the largest micro-batch at
+    which its dense path fits that GPU (for a user who must shrink it)."""
     cfg = compose([f"experiment={preset}"])
     rows = []
     for F in sizes or PRESETS[preset]:
         base = shape_from_config(cfg, F)
         for gpu in GPUS:
-            p = predict(base, gpu)
-            whole = predict(RunShape(**{**asdict(base), "micro_batch": base.batch // base.devices}), gpu)
             rows.append({"preset": preset, "d_sae": F, "gpu": gpu, "devices": base.devices,
-                         "micro_batch": base.micro_batch, "batch": base.batch, "preset_prediction": p,
-                         "dense_fits_micro_batch": fits_micro_batch(base, gpu, "dense"),
-                         "whole_batch_prediction": whole})
+                         "micro_batch": base.micro_batch, "batch": base.batch, "preset_prediction": predict(base, gpu),
+                         "dense_fits_micro_batch": fits_micro_batch(base, gpu, "dense")})
     return rows
 
 
@@ -557,20 +621,18 @@ def _gb(b: float) -> str:
 
 
 def print_predictions(rows: list[dict]) -> None:
-    print("\n| preset | d_sae | GPU (devices) | micro-batch x accumulation | peak GB dense / sparse | fits | "
-          "largest dense micro-batch that fits | hours dense / sparse | whole batch at once: peak GB dense / sparse,"
-          " hours sparse | activation disk: live / shards |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| preset | d_sae | GPU (devices) | micro-batch x accumulation | peak GB dense / passed | fits | "
+          "hours: passed (compiled window pass) / passed eager / every step dense | + hours per 1% of steps dense | "
+          "activation disk: live / shards |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        p, w = r["preset_prediction"], r["whole_batch_prediction"]
-        d, s = p["paths"]["dense"], p["paths"]["sparse"]
+        p = r["preset_prediction"]
+        d, s, h = p["paths"]["dense"], p["paths"]["passed"], p["hours"]
         k = r["batch"] // (r["micro_batch"] * r["devices"])
         fits = "yes" if d["fits"] and s["fits"] else ("sparse only" if s["fits"] else "no")
         print(f"| {r['preset']} | {r['d_sae']:,} | {r['gpu']} (x{r['devices']}) | {r['micro_batch']:,} x {k} | "
-              f"{_gb(d['peak_bytes'])} / {_gb(s['peak_bytes'])} | {fits} | {r['dense_fits_micro_batch']} | "
-              f"{p['hours']['dense']:.1f} / {p['hours']['sparse']:.1f} | {_gb(w['paths']['dense']['peak_bytes'])} / "
-              f"{_gb(w['paths']['sparse']['peak_bytes'])}, {w['hours']['sparse']:.1f} h | "
-              f"0 / {p['activation_disk_bytes_shards'] / 1e12:.1f} TB |")
+              f"{_gb(d['peak_bytes'])} / {_gb(s['peak_bytes'])} | {fits} | {h['passed']:.1f} / {h['passed_eager']:.1f} / "
+              f"{h['dense']:.1f} | {p['hours_per_dense_percent']:.2f} | 0 / {p['activation_disk_bytes_shards'] / 1e12:.1f} TB |")
 
 
 def main(argv=None) -> None:
@@ -593,7 +655,8 @@ def main(argv=None) -> None:
         print("Block buffer (data/live.py block(), the real method, CPU):")
         result["block_check"] = measure_block()
         b = result["block_check"]
-        print(f"  measured peak {b['measured_peak'] / 1e6:.2f} MB, predicted 2 x block {b['predicted_build_buffers'] / 1e6:.2f} MB")
+        print(f"  measured peak {b['measured_peak'] / 1e6:.2f} MB, predicted block buffer {b['predicted_block'] / 1e6:.2f} MB"
+              " (plus the small model's forward transients)")
         print("Crosscoder step, peak allocated bytes (state at the step's start + the step's transient peak):")
         result["validation"] = {"cpu": validate("cpu")}
         if torch.cuda.is_available():

@@ -188,7 +188,8 @@ _EXPAND_CHUNK = 1 << 22  # candidate x snapshot elements expanded at a time
 
 class PaperActive(NamedTuple):
     """The entries of the paper activation's per-snapshot code that its value or gradient can reach: the open ones
-    and the closed ones inside the threshold's straight-through window (value 0), ordered by (token, snapshot)."""
+    and (``window_listed``) the closed ones inside the threshold's straight-through window (value 0), ordered by
+    (token, snapshot)."""
 
     rows: torch.Tensor  # [N] token
     snaps: torch.Tensor  # [N] snapshot
@@ -196,6 +197,7 @@ class PaperActive(NamedTuple):
     values: torch.Tensor  # [N] f[row, snap, col]: pre where open, 0 for window entries
     offsets: torch.Tensor  # [B * S] position of each (token, snapshot)'s first entry
     norms: torch.Tensor  # [N] ||W_dec[col, snap]||, differentiable w.r.t. W_dec (the penalty's weight)
+    window_listed: bool = True  # False: the open entries only, the window's by crosscoder/paper_loop.py's pass
 
 
 class PaperEntries(NamedTuple):
@@ -353,7 +355,7 @@ def paper_forward(x: torch.Tensor, e: PaperEntries, W_enc: torch.Tensor, b_enc: 
     recon = recon.view(B, S, D)
     if window_pass is not None:
         recon, sums = closed_window_pass(recon, sums, threshold, window_pass, norms, W_dec, bandwidth, c)
-    active = PaperActive(e.rows, e.snaps, e.cols, values, offsets, entry_norms)
+    active = PaperActive(e.rows, e.snaps, e.cols, values, offsets, entry_norms, window_listed=window_pass is None)
     with torch.no_grad():
         any_open = torch.zeros(len(e.cand_rows), dtype=torch.bool, device=x.device).index_fill_(0, e.cand[e.open], True)
         latents = torch.zeros(B, F_, dtype=values.dtype, device=x.device).index_put_(

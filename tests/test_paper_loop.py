@@ -91,3 +91,22 @@ def test_dense_and_sparse_paths_agree_under_bf16_autocast(monkeypatch):
         ref = grads["dense bf16"][p]
         assert (g - ref).norm() <= 0.01 * ref.norm() + 1e-6, p
         assert (g - grads["fp32"][p]).norm() <= 0.05 * grads["fp32"][p].norm() + 1e-6, p
+
+
+def test_the_compiled_window_mask_equals_the_eager_one():
+    """On CUDA the window pass's mask is one torch.compile'd kernel; here the same function is compiled for the CPU
+    (inductor's C++ backend) and must give the same bits as the eager expressions, window edges included."""
+    import shutil
+
+    from crosscoder.paper_loop import _closed_window_pre
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for inductor's CPU backend")
+    pre = torch.randn(64, 96) * 2
+    norm, t = torch.rand(96) + 0.1, torch.rand(96) * 0.5 + 0.05
+    pre[0, :8] = (t[:8] / norm[:8])  # entries at the edge g = t (closed, inside the window)
+    pre[1, :8] = (t[:8] - 1.0) / norm[:8]  # and near the window's far edge
+    compiled = torch.compile(_closed_window_pre, dynamic=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        eager = _closed_window_pre(pre, norm, t, 1.0, dtype)
+        assert (eager != 0).any() and (eager == 0).any()
+        assert torch.equal(compiled(pre, norm, t, 1.0, dtype), eager)

@@ -27,14 +27,33 @@ def test_paper_pythia160m_fits_one_h200_with_no_activation_on_disk(tmp_path):
     assert p["block_bytes"] == (262_144 + 2047) * 32 * 768 * 2  # block + the carried window, bf16
     assert p["activation_disk_bytes_live"] == 0
     assert p["activation_disk_bytes_shards"] == 800_000_000 * 32 * 768 * 2
-    for path in ("dense", "sparse"):  # the dense path runs from initialisation, the sparse one once the code is sparse
+    for path in ("dense", "passed"):  # the dense path runs from initialisation, the sparse one once the code is sparse
         assert p["paths"][path]["peak_bytes"] <= 141e9 and p["paths"][path]["fits"]
-    # the dense step at the whole batch of 4,096 tokens would not fit: why the preset uses micro-batches
-    whole = scale.predict(scale.RunShape(**{**shape.__dict__, "micro_batch": 4096}), "H200 141GB")
-    assert whole["paths"]["dense"]["step_transient"] == pytest.approx(26 * 4096 * 32 * 98304, rel=0.05)
-    assert not whole["paths"]["dense"]["fits"] and whole["paths"]["sparse"]["fits"]
+    assert shape.micro_batch == 4096  # the paper's batch in one step, no accumulation
+    # the dense path snapshot by snapshot: 42 bytes per [B, F] element (no [B, S, F] tensor), W_enc's bf16 copy and
+    # the batch's; not the 26 bytes per [B, S, F] element (335 GB) of a dense step that forms them
+    B, S, D, F = 4096, 32, 768, 98304
+    assert p["paths"]["dense"]["step_transient"] == 42 * B * F + 2 * S * D * F + 10 * B * S * D + 4 * F * D
+    # the whole run on the sparse path: the window pass's GEMM and kernels included, with the snapshot forwards
+    assert 8 < p["hours"]["passed"] < p["hours"]["passed_eager"] < p["hours"]["dense"]
+    assert p["hours"]["passed"] == pytest.approx(
+        (p["steps"] * p["paths"]["passed"]["step_seconds"] + p["forward_hours"] * 3600) / 3600)
     # d_sae 32,768 on one 80 GB GPU
     assert scale.predict(scale.shape_from_config(cfg, 32768), "H100 SXM 80GB")["paths"]["dense"]["fits"]
+
+
+def test_step_time_counts_the_window_pass():
+    gpu = scale.GPUS["H200 141GB"]
+    S, D, F, B = 32, 768, 98304, 4096
+    listed = scale.step_time(S, D, F, B, B, "listed", gpu, 40, 48)
+    passed = scale.step_time(S, D, F, B, B, "passed", gpu, 40, 48)
+    eager = scale.step_time(S, D, F, B, B, "passed", gpu, 40, 48, compiled=False)
+    # by hand: one more GEMM of 2 B S D F FLOPs, 8 bytes per [B, S, F] element and one read of W_dec (4 S D F bytes)
+    assert passed["flops"] - listed["flops"] == 2 * B * S * D * F
+    assert passed["traffic_bytes"] - listed["traffic_bytes"] == 8 * B * S * F + 4 * S * D * F
+    assert eager["traffic_bytes"] - passed["traffic_bytes"] == (46 - 8) * B * S * F
+    dense = scale.step_time(S, D, F, B, B, "dense", gpu)
+    assert dense["flops"] == 10 * B * S * D * F
 
 
 def test_paper_pythia69b_is_fsdp_over_8_gpus_with_rotated_snapshots(tmp_path):
@@ -46,15 +65,15 @@ def test_paper_pythia69b_is_fsdp_over_8_gpus_with_rotated_snapshots(tmp_path):
     p = scale.predict(shape, "H200 141GB")
     assert p["snapshot_model_params"] == 3_630_034_944 and p["placement"] == "rotate"
     one = scale.predict(scale.RunShape(**{**shape.__dict__, "devices": 1, "micro_batch": 256}), "H200 141GB")
-    assert not one["paths"]["sparse"]["fits"]  # one GPU: 137 GB of crosscoder state alone, plus everything else
-    assert p["paths"]["dense"]["fits"] and p["paths"]["sparse"]["fits"]  # 8 x H200, per device
-    assert not scale.predict(shape, "H100 SXM 80GB")["paths"]["sparse"]["fits"]  # 8 x 80 GB do not
+    assert not one["paths"]["passed"]["fits"]  # one GPU: 137 GB of crosscoder state alone, plus everything else
+    assert p["paths"]["dense"]["fits"] and p["paths"]["passed"]["fits"]  # 8 x H200, per device
+    assert not scale.predict(shape, "H100 SXM 80GB")["paths"]["passed"]["fits"]  # 8 x 80 GB do not
 
 
-@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("path", ["dense", "listed", "passed"])
 def test_model_matches_a_measured_step(path):
-    m = scale.measure_step(8, 32, 1024, 64, path)
-    assert m["sparse_ran"] == (path == "sparse")
+    m = scale.measure_step(4, 32, 4096, 256, path)
+    assert m["route"] == path
     assert scale.model_for(m)["peak_bytes"] == pytest.approx(m["peak_bytes"], rel=0.15)
 
 
@@ -72,5 +91,5 @@ def test_gpu_check_pipeline_runs_at_tiny_shapes_on_cpu(tmp_path):
     out = tmp_path / "smoke.json"
     assert gpu_check.main(["--cpu-smoke", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["S"] == 4 and r["accumulate"] == 2 and r["batches"] == 4 and r["path"] in ("dense", "sparse")
+    assert r["S"] == 4 and r["accumulate"] == 2 and r["batches"] == 4 and r["path"] in ("dense", "listed", "passed")
     assert r["forward_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0 and r["predicted_peak_bytes"] > 0
