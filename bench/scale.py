@@ -541,7 +541,7 @@ def measure_block(S: int = 4, D: int = 64, context: int = 64, block_tokens: int 
             peak = max(peak, running)
     predicted = live_bytes(S, D, context, block_tokens, 1, "bfloat16", "float32", 0, 4, 0, 0, "resident", 4)
     return {"S": S, "D": D, "context": context, "block_tokens": block_tokens, "measured_peak": peak,
-            "predicted_block": predicted["block"], "tokens": len(tokens)}
+            "predicted_block": predicted["block"], "predicted_build": predicted["block_build"], "tokens": len(tokens)}
 
 
 def check_param_formula() -> list[dict]:
@@ -655,8 +655,8 @@ def main(argv=None) -> None:
         print("Block buffer (data/live.py block(), the real method, CPU):")
         result["block_check"] = measure_block()
         b = result["block_check"]
-        print(f"  measured peak {b['measured_peak'] / 1e6:.2f} MB, predicted block buffer {b['predicted_block'] / 1e6:.2f} MB"
-              " (plus the small model's forward transients)")
+        print(f"  measured peak {b['measured_peak'] / 1e6:.2f} MB, predicted {b['predicted_build'] / 1e6:.2f} MB (block buffer "
+              f"{b['predicted_block'] / 1e6:.2f} MB + one forward's transients)")
         print("Crosscoder step, peak allocated bytes (state at the step's start + the step's transient peak):")
         result["validation"] = {"cpu": validate("cpu")}
         if torch.cuda.is_available():

@@ -137,7 +137,10 @@ class CrosscoderModule(L.LightningModule):
             metrics.firing.update(out.latents)
             self.log_dict({self.tag(i, "train/loss"): loss, self.tag(i, "train/mse"): terms.mse,
                            self.tag(i, "train/sparsity"): terms.sparsity, self.tag(i, "train/l0"): terms.l0,
-                           self.tag(i, "train/l1_coef"): coef})
+                           self.tag(i, "train/l1_coef"): coef,
+                           # 1 when the step took a sparse path (crosscoder/sparse.py): its share is what the run's
+                           # speed depends on (docs/PERFORMANCE.md)
+                           self.tag(i, "train/sparse_path"): float(out.active is not None)})
             total = total + loss
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("l0", terms.l0, prog_bar=True, logger=False)
