@@ -177,14 +177,17 @@ def forward_flops_per_token(model_params_kept_nonembed: int, n_layers_kept: int,
 
 
 # Bytes moved per [B, S, F] element by the element-wise kernels of a step (read + written, counted op by op in the
-# code; ops on [F]-sized vectors neglected):
-#   dense (paper_loop.paper_dense, eager): forward ~80 (gates, the code, its bf16 copy for the GEMM, the tanh
-#     chain of the penalty, the any-open mask), backward ~220 (the gates again, dL/df's bf16 GEMM output and its
-#     fp32 copy, the penalty's derivative chain, the decoder norms' term, grad_pre and the threshold's estimate);
-#   passed (the closed window entries' pass, paper_loop.closed_window_pre, once per snapshot in the backward):
-#     compiled into one kernel (CUDA): pre read (4), the masked pre written in bf16 (2), read by the GEMM (2);
-#     eager: g - t (16), the masks (13), the masked pre (9), its bf16 copy (6), the GEMM's read (2).
-ELEMENTWISE_BYTES = {"dense": 300, "passed": 8, "passed_eager": 46}
+# code; ops on [F]-sized vectors neglected). On CUDA each snapshot's element-wise work is one torch.compile'd kernel
+# (crosscoder/paper_loop.py), on CPU (and if compiling fails) eager kernels:
+#   dense (paper_loop.paper_dense), compiled: forward pre read (4), the any-open mask read and written (2), the code
+#     written in bf16 and read by the decoder GEMM (4); backward pre read (4), dL/df's GEMM output written and read
+#     (4), grad_pre read and written (8), the code written and read by W_dec's gradient GEMM (4): ~30. Eager ~300:
+#     forward ~80 (gates, the code, its bf16 copy, the tanh chain, the mask), backward ~220 (the gates again, the
+#     GEMM output's fp32 copy, the penalty's derivative chain, the norms' term, grad_pre, the threshold's estimate);
+#   passed (the closed window entries' pass, paper_loop.closed_window_pre, once per snapshot in the backward),
+#     compiled: pre read (4), the masked pre written in bf16 (2), read by the GEMM (2): 8. Eager: g - t (16), the
+#     masks (13), the masked pre (9), its bf16 copy (6), the GEMM's read (2): 46.
+ELEMENTWISE_BYTES = {"dense": 30, "dense_eager": 300, "passed": 8, "passed_eager": 46}
 
 
 def step_time(S: int, D: int, F: int, B: int, micro: int, path: str, gpu: dict, entries_per_token_snapshot: float = 0.0,
@@ -205,7 +208,7 @@ def step_time(S: int, D: int, F: int, B: int, micro: int, path: str, gpu: dict, 
     GEMM (2 S D F) and per kept entry a D-row gather and scatter (6 D FLOPs, 12 D bytes), per candidate pair a row of
     x read for the encoder gradient (4 S D bytes), and ~40 bytes per [B, F] element (pre, masks, latents); passed:
     listed's over the open entries, plus the window pass's GEMM (2 S D F) and its element-wise bytes
-    (ELEMENTWISE_BYTES; ``compiled`` False: the eager kernels). Under FSDP (``devices`` > 1) each device runs
+    (ELEMENTWISE_BYTES; ``compiled`` False: the eager kernels, for the dense path too). Under FSDP (``devices`` > 1) each device runs
     B / devices tokens, its Adam shard, and all-gathers the bf16 weights twice and reduce-scatters the bf16
     gradients once per micro-batch (3 x 2 bytes x 2 S D F, at ~350 GB/s of NVLink per device)."""
     sdf = S * D * F
@@ -214,7 +217,8 @@ def step_time(S: int, D: int, F: int, B: int, micro: int, path: str, gpu: dict, 
     b = B / devices  # tokens per device per step
     if path == "dense":
         flops = 10 * b * sdf
-        traffic = 2 * 28 * sdf / devices + k * (46 + accum) * sdf + ELEMENTWISE_BYTES["dense"] * b * S * F + 40 * b * F
+        traffic = (2 * 28 * sdf / devices + k * (46 + accum) * sdf + 40 * b * F
+                   + ELEMENTWISE_BYTES["dense" if compiled else "dense_eager"] * b * S * F)
     elif path in ("listed", "passed"):
         N = entries_per_token_snapshot * b * S
         flops = 2 * b * sdf + 6 * N * D
@@ -345,9 +349,10 @@ def predict(run: RunShape, gpu_name: str = "H200 141GB", entries_per_token_snaps
         blocks = run.tokens / run.devices / run.block_tokens
         rotate_s = blocks * run.S * mparams * DTYPE_BYTES[run.model_dtype] / HOST_TO_DEVICE
     hours = {path: (steps * paths[path]["step_seconds"] + fwd_s + rotate_s) / 3600 for path in paths}
-    eager = step_time(run.S, run.D, run.F, run.batch, run.micro_batch, "passed", gpu, *density["passed"], run.devices,
-                      compiled=False)["seconds"]
-    hours["passed_eager"] = (steps * eager + fwd_s + rotate_s) / 3600
+    for path in ("passed", "dense"):  # with the eager element-wise kernels (CPU, or torch.compile unavailable)
+        eager = step_time(run.S, run.D, run.F, run.batch, run.micro_batch, path, gpu, *density[path], run.devices,
+                          compiled=False)["seconds"]
+        hours[f"{path}_eager"] = (steps * eager + fwd_s + rotate_s) / 3600
     per_dense_percent = steps / 100 * (paths["dense"]["step_seconds"] - paths["passed"]["step_seconds"]) / 3600
     return {
         "run": asdict(run), "gpu": gpu_name, "placement": placement, "crosscoder_params": n,
@@ -622,7 +627,7 @@ def _gb(b: float) -> str:
 
 def print_predictions(rows: list[dict]) -> None:
     print("\n| preset | d_sae | GPU (devices) | micro-batch x accumulation | peak GB dense / passed | fits | "
-          "hours: passed (compiled window pass) / passed eager / every step dense | + hours per 1% of steps dense | "
+          "hours: passed / every step dense (compiled kernels) / the same, eager | + hours per 1% of steps dense | "
           "activation disk: live / shards |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -631,8 +636,8 @@ def print_predictions(rows: list[dict]) -> None:
         k = r["batch"] // (r["micro_batch"] * r["devices"])
         fits = "yes" if d["fits"] and s["fits"] else ("sparse only" if s["fits"] else "no")
         print(f"| {r['preset']} | {r['d_sae']:,} | {r['gpu']} (x{r['devices']}) | {r['micro_batch']:,} x {k} | "
-              f"{_gb(d['peak_bytes'])} / {_gb(s['peak_bytes'])} | {fits} | {h['passed']:.1f} / {h['passed_eager']:.1f} / "
-              f"{h['dense']:.1f} | {p['hours_per_dense_percent']:.2f} | 0 / {p['activation_disk_bytes_shards'] / 1e12:.1f} TB |")
+              f"{_gb(d['peak_bytes'])} / {_gb(s['peak_bytes'])} | {fits} | {h['passed']:.1f} / {h['dense']:.1f} / "
+              f"{h['passed_eager']:.1f} / {h['dense_eager']:.1f} | {p['hours_per_dense_percent']:.2f} | 0 / {p['activation_disk_bytes_shards'] / 1e12:.1f} TB |")
 
 
 def main(argv=None) -> None:

@@ -34,23 +34,60 @@ def _gemm_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """a @ b in ``dtype`` (as autocast would run it; None: in a's dtype), result in a's dtype."""
-    if dtype is None:
-        return a @ b.to(a.dtype)
-    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+def _dense_forward_snapshot(pre: torch.Tensor, norm: torch.Tensor, threshold: torch.Tensor, c: float,
+                            any_open: torch.Tensor, dtype: torch.dtype):
+    """One snapshot's element-wise forward: (its code f [B, F] in the GEMM's dtype, the penalty's sums over tokens
+    of tanh(c f ||W_dec[i, s]||) [F], any_open | open)."""
+    open_ = pre * norm > threshold
+    f = pre * open_.to(pre.dtype)
+    return f.to(dtype), torch.tanh(c * (f * norm)).sum(0), any_open | open_
 
 
-def _gates(pre: torch.Tensor, norm: torch.Tensor, threshold: torch.Tensor, bandwidth: float):
-    """(open, window) [B, F] of one snapshot, with the dense path's expressions (model.py ``_JumpStep``)."""
+def _dense_backward_snapshot(pre: torch.Tensor, norm: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
+                             c: float, grad_code: torch.Tensor, grad_sums: torch.Tensor, grad_pre: torch.Tensor,
+                             dtype: torch.dtype):
+    """One snapshot's element-wise backward, given grad_code = grad_recon_s W_dec[:, s]^T [B, F] (the reconstruction's
+    part of dL/df) and grad_sums [F]: (grad_pre + this snapshot's part, the threshold's straight-through gradient [F]
+    as _JumpStep gives it, dL/d||W_dec[i, s]|| [F] from the penalty, the code f in the GEMM's dtype for W_dec's
+    gradient)."""
     g = pre * norm
-    return g > threshold, (g - threshold).abs() < bandwidth / 2
+    open_, window = g > threshold, (g - threshold).abs() < bandwidth / 2
+    f = pre * open_.to(pre.dtype)
+    dtanh = 1 - torch.tanh(c * (f * norm)).pow(2)
+    gf = grad_code.to(pre.dtype) + grad_sums * (c * norm) * dtanh  # dL/df
+    grad_t = (-(gf * pre) * window.to(pre.dtype) / bandwidth).sum(0)
+    grad_norm = grad_sums * (c * f * dtanh).sum(0)
+    return grad_pre + gf * open_.to(pre.dtype), grad_t, grad_norm, f.to(dtype)
+
+
+def _cuda_compiled(fn):
+    """fn, fused by torch.compile when its first tensor is on CUDA (one kernel instead of a dozen passes over [B, F]);
+    on CPU, or once compiling has failed, the eager fn (the same expressions)."""
+    state = {}
+
+    def run(*args):
+        if args[0].is_cuda and not state.get("failed"):
+            try:
+                compiled = state.setdefault("fn", torch.compile(fn, dynamic=False))
+                return compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same eager expressions
+                import warnings
+                warnings.warn(f"torch.compile of {fn.__name__} failed, running it eagerly: {err}")
+                state["failed"] = True
+        return fn(*args)
+    run.eager = fn
+    return run
+
+
+dense_forward_snapshot = _cuda_compiled(_dense_forward_snapshot)
+dense_backward_snapshot = _cuda_compiled(_dense_backward_snapshot)
 
 
 class _PaperDense(torch.autograd.Function):
     """(recon [B, S, D] without b_dec, penalty sums [F] = sum over tokens and snapshots of tanh(c f ||W_dec[i, s]||),
     latents [B, F] = pre where open at some snapshot, else 0 (no gradient)) from pre [B, F], W_dec [F, S, D] and the
-    threshold [F]. The backward recomputes each snapshot's gates and code."""
+    threshold [F]. The backward recomputes each snapshot's gates and code. Per snapshot the element-wise work is one
+    function each way (compiled into one kernel on CUDA) around the snapshot's GEMMs."""
 
     @staticmethod
     def forward(ctx, pre, W_dec, threshold, bandwidth, c):
@@ -62,12 +99,9 @@ class _PaperDense(torch.autograd.Function):
         sums = torch.zeros(F_, dtype=pre.dtype, device=pre.device)
         any_open = torch.zeros(B, F_, dtype=torch.bool, device=pre.device)
         for s in range(S):
-            n = norms[:, s]
-            open_, _ = _gates(pre, n, threshold, bandwidth)
-            f = pre * open_.to(pre.dtype)
-            recon[:, s] = _mm(f, W_dec[:, s], dtype)
-            sums += torch.tanh(c * (f * n)).sum(0)
-            any_open |= open_
+            f, tanh_sum, any_open = dense_forward_snapshot(pre, norms[:, s], threshold, c, any_open, dtype or pre.dtype)
+            recon[:, s] = f @ W_dec[:, s].to(f.dtype)
+            sums += tanh_sum
         ctx.save_for_backward(pre, W_dec, threshold, norms)
         ctx.bandwidth, ctx.c, ctx.dtype = bandwidth, c, dtype
         latents = torch.where(any_open, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
@@ -77,28 +111,21 @@ class _PaperDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_recon, grad_sums, _grad_latents):
         pre, W, threshold, norms = ctx.saved_tensors
-        eps, c, dtype = ctx.bandwidth, ctx.c, ctx.dtype
-        S = W.shape[1]
+        eps, c, dtype = ctx.bandwidth, ctx.c, ctx.dtype or pre.dtype
+        B, S, D = grad_recon.shape if grad_recon is not None else (pre.shape[0], W.shape[1], W.shape[2])
         grad_pre = torch.zeros_like(pre)
         grad_t = torch.zeros_like(threshold)
-        grad_W = torch.zeros_like(W)
+        grad_W = torch.empty_like(W)
+        grad_sums = torch.zeros_like(threshold) if grad_sums is None else grad_sums
         for s in range(S):
-            n = norms[:, s]
-            open_, window = _gates(pre, n, threshold, eps)
-            f = pre * open_.to(pre.dtype)
-            gf = torch.zeros_like(pre)  # dL/df[:, s]
-            if grad_recon is not None:
-                gr = grad_recon[:, s].to(pre.dtype)
-                gf = _mm(gr, W[:, s].T, dtype)
-                grad_W[:, s] = _mm(f.T, gr, dtype)
-            if grad_sums is not None:
-                dtanh = 1 - torch.tanh(c * (f * n)).pow(2)
-                gf += grad_sums * (c * n) * dtanh
-                grad_n = grad_sums * (c * f * dtanh).sum(0)  # dL/d||W_dec[i, s]||
-                coef = torch.where(n > 0, grad_n / n, torch.zeros_like(n))
-                grad_W[:, s] += coef[:, None] * W[:, s]
-            grad_pre += gf * open_.to(gf.dtype)
-            grad_t += (-(gf * pre) * window.to(gf.dtype) / eps).sum(0)  # as _JumpStep.backward
+            n, w = norms[:, s], W[:, s]
+            gr = (grad_recon[:, s] if grad_recon is not None else pre.new_zeros(B, D)).to(dtype)
+            grad_code = gr @ w.T.to(dtype)  # [B, F]
+            grad_pre, dt, grad_n, f = dense_backward_snapshot(pre, n, threshold, eps, c, grad_code, grad_sums,
+                                                              grad_pre, dtype)
+            grad_t += dt
+            coef = torch.where(n > 0, grad_n / n, torch.zeros_like(n))  # d||w|| / dw = w / ||w||
+            grad_W[:, s] = (f.T @ gr).to(W.dtype) + coef[:, None] * w
         return grad_pre, grad_W, grad_t, None, None
 
 
@@ -116,25 +143,11 @@ def _closed_window_pre(pre: torch.Tensor, norm: torch.Tensor, threshold: torch.T
     return torch.where((d > -half_bandwidth) & (d <= 0), pre, 0.0).to(dtype)
 
 
-_compiled = {}
-
-
-def closed_window_pre(pre: torch.Tensor, norm: torch.Tensor, threshold: torch.Tensor, half_bandwidth: float,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """``_closed_window_pre``, fused into one kernel by torch.compile on CUDA: it reads pre (4 bytes per element) and
-    writes the result (2 in bf16) once per snapshot, where the eager version moves ~40 bytes per element in five
-    kernels; at the paper's shape that pass is 1.3e10 elements per step (docs/PERFORMANCE.md, "Scale model").
-    On CPU, or if compiling fails, the eager version (same expressions; a fused multiply-add on the GPU may round
-    g - t differently in the last bit, which moves an entry exactly at the window's edge: no measurable effect)."""
-    if pre.is_cuda and _compiled.get("failed") is None:
-        try:
-            fn = _compiled.setdefault("fn", torch.compile(_closed_window_pre, dynamic=False))
-            return fn(pre, norm, threshold, half_bandwidth, dtype)
-        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same eager expressions
-            import warnings
-            warnings.warn(f"torch.compile of the paper's window pass failed, running it eagerly: {err}")
-            _compiled["failed"] = True
-    return _closed_window_pre(pre, norm, threshold, half_bandwidth, dtype)
+# On CUDA one fused kernel: it reads pre (4 bytes per element) and writes the result (2 in bf16) once per snapshot,
+# where the eager version moves ~40 bytes per element in five kernels; at the paper's shape that pass is 1.3e10
+# elements per step (docs/PERFORMANCE.md, "Scale model"). A fused multiply-add on the GPU may round g - t differently
+# in the last bit, which moves an entry exactly at the window's edge: no measurable effect.
+closed_window_pre = _cuda_compiled(_closed_window_pre)
 
 
 class _ClosedWindowPass(torch.autograd.Function):

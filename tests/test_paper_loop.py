@@ -93,20 +93,31 @@ def test_dense_and_sparse_paths_agree_under_bf16_autocast(monkeypatch):
         assert (g - grads["fp32"][p]).norm() <= 0.05 * grads["fp32"][p].norm() + 1e-6, p
 
 
-def test_the_compiled_window_mask_equals_the_eager_one():
-    """On CUDA the window pass's mask is one torch.compile'd kernel; here the same function is compiled for the CPU
-    (inductor's C++ backend) and must give the same bits as the eager expressions, window edges included."""
+def test_the_compiled_element_wise_functions_equal_the_eager_ones():
+    """On CUDA each snapshot's element-wise work (the dense path's forward and backward, the window pass's mask) is
+    one torch.compile'd kernel; here the same functions are compiled for the CPU (inductor's C++ backend). The window
+    mask gives the same bits (window edges included); the dense functions agree within float32 rounding (a fused
+    kernel may sum in another order)."""
     import shutil
 
-    from crosscoder.paper_loop import _closed_window_pre
+    from crosscoder import paper_loop
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler for inductor's CPU backend")
-    pre = torch.randn(64, 96) * 2
-    norm, t = torch.rand(96) + 0.1, torch.rand(96) * 0.5 + 0.05
-    pre[0, :8] = (t[:8] / norm[:8])  # entries at the edge g = t (closed, inside the window)
+    torch.manual_seed(0)
+    B, F = 64, 96
+    pre = torch.randn(B, F) * 2
+    norm, t = torch.rand(F) + 0.1, torch.rand(F) * 0.5 + 0.05
+    pre[0, :8] = t[:8] / norm[:8]  # entries at the edge g = t (closed, inside the window)
     pre[1, :8] = (t[:8] - 1.0) / norm[:8]  # and near the window's far edge
-    compiled = torch.compile(_closed_window_pre, dynamic=False)
+    mask = torch.compile(paper_loop._closed_window_pre, dynamic=False)
     for dtype in (torch.float32, torch.bfloat16):
-        eager = _closed_window_pre(pre, norm, t, 1.0, dtype)
+        eager = paper_loop._closed_window_pre(pre, norm, t, 1.0, dtype)
         assert (eager != 0).any() and (eager == 0).any()
-        assert torch.equal(compiled(pre, norm, t, 1.0, dtype), eager)
+        assert torch.equal(mask(pre, norm, t, 1.0, dtype), eager)
+    any_open = torch.rand(B, F) < 0.1
+    fwd_args = (pre, norm, t, 4.0, any_open, torch.bfloat16)
+    bwd_args = (pre, norm, t, 1.0, 4.0, torch.randn(B, F).bfloat16(), torch.randn(F), torch.randn(B, F), torch.bfloat16)
+    for fn, args in ((paper_loop._dense_forward_snapshot, fwd_args), (paper_loop._dense_backward_snapshot, bwd_args)):
+        for got, want in zip(torch.compile(fn, dynamic=False)(*args), fn(*args)):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
