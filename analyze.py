@@ -41,9 +41,10 @@ CAPTIONS = {
                   "(paper Fig. 3a, 3b).",
     "fig6_turning_point": "6. Share of live features emerged by each step; the dashed line marks the step "
                           "where half have, beside the model's own loss curve when the suite saved one.",
-    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2).",
+    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2). "
+                   f"{sweep.L0_DEFINITION}.",
     "fig5_crosscoder_vs_sae": "5b. Crosscoders against single-snapshot SAEs trained on the same data "
-                              "(paper Fig. 3c).",
+                              f"(paper Fig. 3c). {sweep.L0_DEFINITION}.",
 }
 
 
