@@ -67,7 +67,7 @@ def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Pat
     """The task's attribution at every snapshot -> <out>/attribution/<task>/ (and TensorBoard)."""
     task, prompts, site, results, split = attribution.run(run, cfg.attribution, cfg.device)
     facts = attribution.summarise(task, prompts, site, results, table, cfg.attribution, split)
-    folder = out / "attribution" / task.name
+    folder = out / "attribution" / facts["task"]  # <task>, or <task>_local for attribution.code=local
     attribution.save(facts, results, folder)
     png = figures.save_figure(fig_attribution(facts, np.stack([r.ig for r in results]), table),
                               folder / attribution.FIGURE_NAME)
@@ -75,7 +75,7 @@ def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Pat
         attribution.log_scalars(facts, out / "tensorboard")
         figures.log_to_tensorboard([png], out / "tensorboard")
     check = facts["causal_check"]
-    print(f"attribution ({task.name}): learned at {check['learned_snapshots']} of {len(results)} snapshots (test "
+    print(f"attribution ({facts['task']}): learned at {check['learned_snapshots']} of {len(results)} snapshots (test "
           f"prompts); causal check at k={check['k']} passed at {check['passed']}; {folder}")
     return folder
 

@@ -18,6 +18,11 @@ prompts of the task's logit difference when the clean prompts run with the hook'
 A_i > 0 says that patching feature i to its corrupted value lowers the metric by about A_i: the feature
 carries that much of the clean behaviour. Features are ranked by A_i from integrated gradients.
 
+The corrupted code (``code``): "joint" (the default, the crosscoder's own code of the corrupted prompt, from every
+snapshot's activation: at an early snapshot it also carries what later checkpoints do with the corruption) or
+"local" (the encoder reads snapshot s's corrupted activation and every other snapshot's clean one, so the code
+changes only as snapshot s's own model does; results go to <task>_local). The clean code is the same in both.
+
 Select, then test, on different prompts: the prompt pairs are split once (``selection_fraction``, seeded; pairs
 that share a prompt stay together) into a selection half, on which the attributions are computed and the top-k
 features chosen, and a test half, on which the causal check breaks and restores them.
@@ -247,6 +252,14 @@ def attribute_snapshot(model, crosscoder, s: int, name: str, step: int, prompts:
         size_random=[[float(size_test[c].mean()) for c in sets] for sets in controls])
 
 
+def local_corrupted(clean: torch.Tensor, corr: torch.Tensor, s: int) -> torch.Tensor:
+    """[N, T, S, D]: the clean activations of every snapshot but s, which has its corrupted ones: the encoder
+    input of the snapshot-local code (``attribution.code=local``)."""
+    out = clean.clone()
+    out[:, :, s] = corr[:, :, s]
+    return out
+
+
 def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPrompts, Site, list[SnapshotAttribution],
                                                                   tuple[np.ndarray, np.ndarray]]:
     """The task's prompts through every snapshot: activations first (the encoder reads all snapshots), then
@@ -280,16 +293,21 @@ def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPr
     clean = torch.stack(acts_clean, dim=2).to(device)  # [N, T, S, D]
     corr = torch.stack(acts_corr, dim=2).to(device)
     del acts_clean, acts_corr
+    local = cfg.code == "local"
     shared = crosscoder.activation != "paper"  # one code for every snapshot: compute it once
-    codes = (snapshot_code(crosscoder, clean, 0), snapshot_code(crosscoder, corr, 0)) if shared else None
+    codes = (snapshot_code(crosscoder, clean, 0), None if local else snapshot_code(crosscoder, corr, 0)) \
+        if shared else None
     split = split_prompts(prompts, cfg.selection_fraction, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     results = []
     for name in tqdm(analysed, desc=f"{task.name}: attribution", unit="snapshot", dynamic_ncols=True):
         s = names.index(name)
         model = load_snapshot(site.repo, name, device=device)
-        code_clean, code_corr = codes if shared else (snapshot_code(crosscoder, clean, s),
-                                                      snapshot_code(crosscoder, corr, s))
+        code_clean = codes[0] if shared else snapshot_code(crosscoder, clean, s)
+        if local:  # the corruption as snapshot s alone sees it: the other snapshots' inputs stay clean
+            code_corr = snapshot_code(crosscoder, local_corrupted(clean, corr, s), s)
+        else:
+            code_corr = codes[1] if shared else snapshot_code(crosscoder, corr, s)
         results.append(attribute_snapshot(model, crosscoder, s, name, steps[s], prompts, site, clean[:, :, s],
                                           corr[:, :, s], code_clean, code_corr, split, cfg.ig_steps, list(cfg.ks),
                                           cfg.random_sets, B, rng, cfg.match_candidates))
@@ -364,8 +382,9 @@ def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttr
             top_c, rand_c = at_k(s, "break_top_closed", k), at_k(s, "break_random_closed_mean", k)
             verdicts.append(top_c >= 0.5 and rand_c is not None and rand_c < 0.5 * top_c)
     sel, test = split if split is not None else (np.arange(len(prompts.clean)), np.arange(len(prompts.clean)))
+    code = getattr(cfg, "code", "joint")
     return {
-        "task": task.name, "metric": task.metric,
+        "task": task.name + ("_local" if code == "local" else ""), "metric": task.metric, "code": code,
         "task_config": {f.name: (v.config() if hasattr(v := getattr(task, f.name), "config") else v)
                         for f in dataclasses.fields(task)},  # a corpus is recorded by its configuration
         "n_prompts": int(len(prompts.clean)), "prompt_tokens": int(prompts.clean.shape[1]),

@@ -19,6 +19,7 @@ class AttributionConfig:
     random_sets: int = 5  # matched random feature sets per k (controls)
     match_candidates: int = 5  # a control for a top feature is drawn among the this many nearest in mean |delta f|
     selection_fraction: float = 0.5  # share of the prompt pairs that select the top features; the rest test them
+    code: str = "joint"  # corrupted code: joint (from every snapshot's corrupted input) | local (snapshot s's only)
     n_top: int = 20  # top features per snapshot in top_features.csv and attribution.json
     min_gap: float = 0.1  # a snapshot has learned the task when clean - baseline metric >= this (nats)
     batch_size: int = 32  # prompts per forward pass
@@ -73,6 +74,7 @@ def check(cfg: Any) -> None:
                   ("attribution.random_sets", a.random_sets > 0, "> 0"),
                   ("attribution.match_candidates", a.match_candidates > 0, "> 0"),
                   ("attribution.selection_fraction", 0 < a.selection_fraction < 1, "in (0, 1)"),
+                  ("attribution.code", a.code in ("joint", "local"), "joint or local"),
                   ("attribution.n_top", a.n_top > 0, "> 0"),
                   ("attribution.batch_size", a.batch_size > 0, "> 0")]
     for key, ok, want in rules:

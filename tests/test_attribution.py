@@ -365,6 +365,13 @@ def test_analyze_attribution_end_to_end(suite, dataset, tmp_path):
     assert [e.value for e in clean] == pytest.approx([s["metric_clean"] for s in result["snapshots"]], rel=1e-6)
     assert "attribution/induction/break_random4" in events.Tags()["scalars"]
 
+    # the snapshot-local code: its own folder, beside the joint code's
+    out = analyze_run(compose_analyze([f"run={run}", "attribution=induction", "attribution.code=local", *small]))
+    local = json.loads((out / "attribution" / "induction_local" / "attribution.json").read_text())
+    assert local["code"] == "local" and result["code"] == "joint" and local["task"] == "induction_local"
+    assert [s["metric_clean"] for s in local["snapshots"]] == [s["metric_clean"] for s in result["snapshots"]]
+    assert "Attribution: induction_local" in (out / "report.html").read_text()
+
     # a second task's failure names the task; an unknown snapshot names the key
     with pytest.raises(ValueError, match="'ioi'"):
         analyze_run(compose_analyze([f"run={run}", "attribution=ioi", "max_tokens=400", "n_browser_features=0"]))
@@ -435,3 +442,22 @@ def test_summary_gap_fractions_and_verdict_by_hand():
     row = lambda name: page.split(f"<td>{name}</td>")[1].split("</tr>")[0]  # noqa: E731
     assert "65%" in row("step8") and "35%" in row("step8") and "#1 (60%)" in row("step8") and "5% ± 5%" in row("step8")
     assert "%" not in row("step4") and "#0, #1" in row("step4")
+
+
+def test_local_code_moves_only_with_the_snapshots_own_activation(dataset):
+    from analysis.attribution import local_corrupted
+    cc = make_crosscoder("relu", read_manifest(dataset))
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randn(3, 4, 3, 32, generator=g) * 4, torch.randn(3, 4, 3, 32, generator=g) * 4
+    mixed = local_corrupted(clean, corr, 1)
+    assert torch.equal(mixed[:, :, 1], corr[:, :, 1]) and torch.equal(mixed[:, :, [0, 2]], clean[:, :, [0, 2]])
+    # reference: the encoder's pre-activation, sum over snapshots of (a_s scale_s) W_enc[s], by hand
+    x = mixed * cc.scale[:, None]
+    pre = torch.einsum("ntsd,sdf->ntf", x, cc.W_enc) + cc.b_enc
+    torch.testing.assert_close(snapshot_code(cc, mixed, 1), torch.relu(pre), rtol=1e-5, atol=1e-5)
+    # an encoder that reads snapshot 1 alone: the local and the joint corrupted codes agree; the full one: they differ
+    joint, local = snapshot_code(cc, corr, 1), snapshot_code(cc, mixed, 1)
+    assert not torch.allclose(joint, local)
+    with torch.no_grad():
+        cc.W_enc[[0, 2]] = 0
+    torch.testing.assert_close(snapshot_code(cc, corr, 1), snapshot_code(cc, mixed, 1))
