@@ -97,8 +97,8 @@ def fig_attribution(summary: dict, ig: np.ndarray, table: pd.DataFrame | None):
         ax.text(0.5, 0.5, f"no snapshot with an effect >= min_gap ({min_gap:g}): no shares reported",
                 ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.3")
     ax.set_ylabel("share of the effect")
-    ax.set_title("who carries the effect: features vs the error term (selection prompts; grey: effect < min_gap, "
-                 "not reported)", fontsize=10)
+    ax.set_title(f"share carried by all features and by the error term (selection prompts; grey: effect < min_gap "
+                 f"{min_gap:g}, not reported)", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
 
@@ -114,8 +114,8 @@ def fig_attribution(summary: dict, ig: np.ndarray, table: pd.DataFrame | None):
     ax.set_yticks(np.arange(len(rows)) + 0.5, labels, fontsize=7)
     ax.set_ylim(len(rows), 0)
     ax.set_ylabel("feature (strongest carriers first)")
-    ax.set_title(f"share of the effect each feature carries (integrated gradients, selection prompts; grey: "
-                 f"effect < min_gap {min_gap:g}, not reported)", fontsize=10)
+    ax.set_title("each feature's share of the effect (integrated gradients, selection prompts; grey: not reported)",
+                 fontsize=10)
 
     ax = axes[3]
     if table is not None and rows:

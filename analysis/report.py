@@ -97,7 +97,8 @@ def attribution_html(result: dict, figure: Path | None) -> str:
              f'{result["prompt_tokens"]} tokens: {split["selection"]} select the features (attributions), '
              f'{split["test"]} others test them (causal check); hook {html.escape(m["hook"])} after block '
              f'{m["layer"]} of <code>{html.escape(m["repo"])}</code>; integrated gradients with {result["ig_steps"]} '
-             f'steps. Controls: {result["random_sets"]} sets of k random features matched to the top k in mean '
+             f'steps; corrupted code: {html.escape(result.get("code", "joint"))} (docs/ANALYSIS.md). '
+             f'Controls: {result["random_sets"]} sets of k random features matched to the top k in mean '
              f'|f_clean − f_corr| up to the answer position. Causal check at k = {k}: passed at {check["passed"]} of '
              f'the {check["learned_snapshots"]} snapshots where the task is learned ({html.escape(check["rule"])}). '
              f'Shares are not reported ("–") where their gap is below min_gap = {result["min_gap"]:g} nats.</p>')
