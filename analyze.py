@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from analysis import attribution, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
-from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.activations import activation_pass  # noqa: E402
+from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
 from data.format import write_atomic  # noqa: E402
 
@@ -41,9 +41,10 @@ CAPTIONS = {
                   "(paper Fig. 3a, 3b).",
     "fig6_turning_point": "6. Share of live features emerged by each step; the dashed line marks the step "
                           "where half have, beside the model's own loss curve when the suite saved one.",
-    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2).",
+    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2). "
+                   f"{sweep.L0_DEFINITION}.",
     "fig5_crosscoder_vs_sae": "5b. Crosscoders against single-snapshot SAEs trained on the same data "
-                              "(paper Fig. 3c).",
+                              f"(paper Fig. 3c). {sweep.L0_DEFINITION}.",
 }
 
 
@@ -64,9 +65,9 @@ def _baselines(cfg: DictConfig, run: run_files.RunFiles) -> list[dict]:
 
 def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Path:
     """The task's attribution at every snapshot -> <out>/attribution/<task>/ (and TensorBoard)."""
-    task, prompts, site, results = attribution.run(run, cfg.attribution, cfg.device)
-    facts = attribution.summarise(task, prompts, site, results, table, cfg.attribution)
-    folder = out / "attribution" / task.name
+    task, prompts, site, results, split = attribution.run(run, cfg.attribution, cfg.device)
+    facts = attribution.summarise(task, prompts, site, results, table, cfg.attribution, split)
+    folder = out / "attribution" / facts["task"]  # <task>, or <task>_local for attribution.code=local
     attribution.save(facts, results, folder)
     png = figures.save_figure(fig_attribution(facts, np.stack([r.ig for r in results]), table),
                               folder / attribution.FIGURE_NAME)
@@ -74,8 +75,8 @@ def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Pat
         attribution.log_scalars(facts, out / "tensorboard")
         figures.log_to_tensorboard([png], out / "tensorboard")
     check = facts["causal_check"]
-    print(f"attribution ({task.name}): learned at {check['learned_snapshots']} of {len(results)} snapshots; causal "
-          f"check at k={check['k']} passed at {check['passed']}; {folder}")
+    print(f"attribution ({facts['task']}): learned at {check['learned_snapshots']} of {len(results)} snapshots (test "
+          f"prompts); causal check at k={check['k']} passed at {check['passed']}; {folder}")
     return folder
 
 

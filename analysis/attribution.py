@@ -18,12 +18,28 @@ prompts of the task's logit difference when the clean prompts run with the hook'
 A_i > 0 says that patching feature i to its corrupted value lowers the metric by about A_i: the feature
 carries that much of the clean behaviour. Features are ranked by A_i from integrated gradients.
 
-Causal check at each snapshot and each k:
+The corrupted code (``code``): "joint" (the default, the crosscoder's own code of the corrupted prompt, from every
+snapshot's activation: at an early snapshot it also carries what later checkpoints do with the corruption) or
+"local" (the encoder reads snapshot s's corrupted activation and every other snapshot's clean one, so the code
+changes only as snapshot s's own model does; results go to <task>_local). The clean code is the same in both.
+
+Select, then test, on different prompts: the prompt pairs are split once (``selection_fraction``, seeded; pairs
+that share a prompt stay together) into a selection half, on which the attributions are computed and the top-k
+features chosen, and a test half, on which the causal check breaks and restores them.
+
+Causal check at each snapshot and each k, on the test half:
   break    the top-k features patched to their corrupted values in the clean run: the metric must move toward
            the corrupted baseline m(h_corr);
-  random   k features drawn among those the corruption changes (f_clean != f_corr somewhere), patched the
-           same way: they must not (mean and standard deviation over ``random_sets`` draws);
+  random   matched controls: k other features matched to the top k in size of effect on the code, i.e. mean
+           |f_clean - f_corr| over the positions that matter (from drop_first to the answer position; not the
+           padding after it) on the selection half: one drawn among the ``match_candidates`` features nearest to
+           each top feature (see matched_controls), so the set's mean size is the top set's where the pool
+           allows it (the achieved sizes are reported). Patched the same way, they must not move the metric as
+           much (mean and standard deviation over ``random_sets`` draws);
   restore  the corrupted run with only the top-k features set to their clean values.
+
+Shares (a feature's or the error term's attribution over the clean-baseline gap, the gap closed by a broken
+set) are reported only where that half's gap is at least ``min_gap``: below it they are ratios of noise.
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ from tqdm import tqdm
 
 from analysis.run_files import RunFiles, select
 from analysis.splice import decode_at, hook_activations, logits_with, snapshot_code
-from analysis.tasks import TaskPrompts, logit_diff
+from analysis.tasks import TaskPrompts, answer_mask, logit_diff, split_prompts, take
 from data.format import write_atomic
 from data.snapshots import check_revisions, load_snapshot, load_tokenizer
 
@@ -77,17 +93,28 @@ def model_site(run: RunFiles, repo: str | None = None, layer: int | None = None,
 class SnapshotAttribution:
     name: str
     step: int
-    metric_clean: float  # the model's own forward pass on the clean prompts
-    metric_corrupted: float  # ... on the corrupted prompts
-    metric_baseline: float  # m(h_corr): clean prompts with the corrupted hook output (= corrupted for resid_post)
+    # selection half: attribution
+    select_clean: float  # m of the clean prompts
+    select_baseline: float  # m(h_corr)
     ig: np.ndarray  # [F] integrated-gradients attribution
     atp: np.ndarray  # [F] attribution patching
     error_ig: float  # integrated-gradients attribution of the error term
-    changed: np.ndarray  # [F] bool: features the corruption changes somewhere
-    ks: list[int]  # set sizes actually used (capped at the number of changed features)
+    size: np.ndarray  # [F] mean |f_clean - f_corr| over the positions that matter
+    # test half: causal check
+    metric_clean: float  # the model's own forward pass on the clean prompts
+    metric_corrupted: float  # ... on the corrupted prompts
+    metric_baseline: float  # m(h_corr): clean prompts with the corrupted hook output (= corrupted for resid_post)
+    ks: list[int]  # set sizes actually used (capped at the features the corruption changes)
     break_top: list[float]  # m after breaking the top-k, per k
-    break_random: list[list[float]]  # m after breaking random k, per k and draw
+    break_random: list[list[float]]  # m after breaking each matched control set, per k and draw ([] : none)
     restore_top: list[float]  # m of the corrupted run with the top-k restored, per k
+    size_top: list[float]  # mean size (test half) of the top-k features, per k
+    size_random: list[list[float]]  # ... of each control set, per k and draw
+
+    @property
+    def changed(self) -> np.ndarray:
+        """[F] bool: features the corruption changes at a position that matters (selection half)."""
+        return self.size > 0
 
 
 def _metric(model, prompts: TaskPrompts, site: Site, value: torch.Tensor | None, batch_size: int,
@@ -130,57 +157,114 @@ def feature_attribution(crosscoder, s: int, delta_code: torch.Tensor, grad: torc
 
 
 @torch.no_grad()
+def change_size(delta_code: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """[F] mean |delta_code| [N, T, F] over the positions where mask [N, T] is True."""
+    m = mask.to(delta_code.device)
+    return (delta_code.abs() * m[..., None]).sum((0, 1)).double().div(max(int(m.sum()), 1)).cpu().numpy()
+
+
+def matched_controls(size: np.ndarray, top: np.ndarray, pool: np.ndarray, draws: int, rng: np.random.Generator,
+                     candidates: int = 5) -> list[np.ndarray]:
+    """``draws`` control sets for the features ``top``, each as large, disjoint from it and matched to it in total
+    size: for every top feature, largest first, one feature is drawn at random among the ``candidates`` still
+    unused ones of ``pool`` nearest to a target, that feature's size plus what the set drawn so far falls short
+    of the top features taken so far (so one top feature without a peer of its size is made up by the next ones).
+    [] when the pool (less the top features) is smaller than the top set."""
+    pool = np.setdiff1d(pool, top)
+    if len(pool) < len(top) or len(top) == 0:
+        return []
+    sizes = size[pool].astype(np.float64)
+    sets = []
+    for _ in range(draws):
+        free = np.ones(len(pool), dtype=bool)
+        chosen, deficit = [], 0.0
+        for f in sorted(top, key=lambda f: -size[f]):
+            idx = np.flatnonzero(free)
+            target = size[f] + deficit
+            near = idx[np.argsort(np.abs(sizes[idx] - target), kind="stable")[:candidates]]
+            pick = int(rng.choice(near))
+            free[pick] = False
+            chosen.append(pool[pick])
+            deficit = target - sizes[pick]
+        sets.append(np.array(chosen, dtype=np.int64))
+    return sets
+
+
+@torch.no_grad()
 def causal_check(model, crosscoder, s: int, prompts: TaskPrompts, site: Site, h_clean: torch.Tensor,
-                 h_corr: torch.Tensor, delta_code: torch.Tensor, order: np.ndarray, changed: np.ndarray,
-                 ks: list[int], random_sets: int, rng: np.random.Generator, batch_size: int):
-    """Metrics after breaking the top-k / random k and restoring the top-k, per k (see the module docstring)."""
+                 h_corr: torch.Tensor, delta_code: torch.Tensor, tops: list[np.ndarray],
+                 controls: list[list[np.ndarray]], batch_size: int):
+    """Metrics after breaking each top set / each of its control sets and restoring each top set (see the
+    module docstring): (break_top [per set], break_random [per set, per control], restore_top [per set])."""
     def shift(features: np.ndarray) -> torch.Tensor:  # hook-output change of patching these features' codes
-        idx = torch.as_tensor(features, device=delta_code.device)
+        idx = torch.as_tensor(np.ascontiguousarray(features), device=delta_code.device)
         return delta_code[..., idx] @ (crosscoder.W_dec[idx, s] / crosscoder.scale[s])
 
-    pool = np.flatnonzero(changed)
-    used, top, rand, restore = [], [], [], []
-    for k in ks:
-        k = min(k, len(pool))
-        if k == 0 or (used and used[-1] == k):
-            continue
-        used.append(k)
-        top.append(_metric(model, prompts, site, h_clean - shift(order[:k]), batch_size))
-        rand.append([_metric(model, prompts, site, h_clean - shift(rng.choice(pool, k, replace=False)), batch_size)
-                     for _ in range(random_sets)])
-        restore.append(_metric(model, prompts, site, h_corr + shift(order[:k]), batch_size))
-    return used, top, rand, restore
+    top, rand, restore = [], [], []
+    for features, sets in zip(tops, controls):
+        top.append(_metric(model, prompts, site, h_clean - shift(features), batch_size))
+        rand.append([_metric(model, prompts, site, h_clean - shift(c), batch_size) for c in sets])
+        restore.append(_metric(model, prompts, site, h_corr + shift(features), batch_size))
+    return top, rand, restore
 
 
 def attribute_snapshot(model, crosscoder, s: int, name: str, step: int, prompts: TaskPrompts, site: Site,
                        h_clean: torch.Tensor, h_corr: torch.Tensor, code_clean: torch.Tensor, code_corr: torch.Tensor,
-                       ig_steps: int, ks: list[int], random_sets: int, batch_size: int,
-                       rng: np.random.Generator) -> SnapshotAttribution:
-    """Attribution and causal check at snapshot s. h_* [N, T, D] raw hook outputs, code_* [N, T, F] its codes."""
+                       split: tuple[np.ndarray, np.ndarray], ig_steps: int, ks: list[int], random_sets: int,
+                       batch_size: int, rng: np.random.Generator, match_candidates: int = 5) -> SnapshotAttribution:
+    """Attribution on the selection half and the causal check on the test half at snapshot s. h_* [N, T, D]
+    raw hook outputs, code_* [N, T, F] its codes, split = (selection, test) prompt indices."""
     model.requires_grad_(False)  # gradients are needed w.r.t. the hook output only
-    delta_code = code_clean - code_corr
+    mask = answer_mask(prompts, h_clean.shape[1], site.drop_first)
+    sel, test = (torch.as_tensor(i, dtype=torch.long) for i in split)
+    p_sel, p_test = take(prompts, sel), take(prompts, test)
+
+    hc, hr, delta = h_clean[sel], h_corr[sel], code_clean[sel] - code_corr[sel]
     alphas = [(j + 0.5) / ig_steps for j in range(ig_steps)]
-    grad_ig = mean_gradient(model, prompts, site, h_clean, h_corr, alphas, batch_size)
-    grad_atp = mean_gradient(model, prompts, site, h_clean, h_corr, [1.0], batch_size)
-    ig = feature_attribution(crosscoder, s, delta_code, grad_ig, batch_size)
-    atp = feature_attribution(crosscoder, s, delta_code, grad_atp, batch_size)
+    grad_ig = mean_gradient(model, p_sel, site, hc, hr, alphas, batch_size)
+    grad_atp = mean_gradient(model, p_sel, site, hc, hr, [1.0], batch_size)
+    ig = feature_attribution(crosscoder, s, delta, grad_ig, batch_size)
+    atp = feature_attribution(crosscoder, s, delta, grad_atp, batch_size)
     with torch.no_grad():
-        delta_error = (h_clean - decode_at(crosscoder, code_clean, s)) - (h_corr - decode_at(crosscoder, code_corr, s))
+        delta_error = (hc - decode_at(crosscoder, code_clean[sel], s)) - (hr - decode_at(crosscoder, code_corr[sel], s))
         error_ig = float((delta_error * grad_ig).sum())
-    changed = (delta_code != 0).flatten(0, 1).any(0).cpu().numpy()
+    size = change_size(delta, mask[sel])
+    del grad_ig, grad_atp, delta_error
     order = np.argsort(-ig, kind="stable")
-    used, top, rand, restore = causal_check(model, crosscoder, s, prompts, site, h_clean, h_corr, delta_code,
-                                            order, changed, ks, random_sets, rng, batch_size)
+    pool = np.flatnonzero(size > 0)
+    used = sorted({min(k, len(pool)) for k in ks} - {0})
+    tops = [order[:k] for k in used]
+    controls = [matched_controls(size, t, pool, random_sets, rng, match_candidates) for t in tops]
+
+    hc, hr, delta = h_clean[test], h_corr[test], code_clean[test] - code_corr[test]
+    top, rand, restore = causal_check(model, crosscoder, s, p_test, site, hc, hr, delta, tops, controls, batch_size)
+    size_test = change_size(delta, mask[test])
     return SnapshotAttribution(
-        name=name, step=step, metric_clean=_metric(model, prompts, site, None, batch_size),
-        metric_corrupted=_metric(model, prompts, site, None, batch_size, ids=prompts.corrupted),
-        metric_baseline=_metric(model, prompts, site, h_corr, batch_size), ig=ig, atp=atp, error_ig=error_ig,
-        changed=changed, ks=used, break_top=top, break_random=rand, restore_top=restore)
+        name=name, step=step,
+        select_clean=_metric(model, p_sel, site, None, batch_size),
+        select_baseline=_metric(model, p_sel, site, h_corr[sel], batch_size),
+        ig=ig, atp=atp, error_ig=error_ig, size=size,
+        metric_clean=_metric(model, p_test, site, None, batch_size),
+        metric_corrupted=_metric(model, p_test, site, None, batch_size, ids=p_test.corrupted),
+        metric_baseline=_metric(model, p_test, site, hr, batch_size),
+        ks=used, break_top=top, break_random=rand, restore_top=restore,
+        size_top=[float(size_test[t].mean()) for t in tops],
+        size_random=[[float(size_test[c].mean()) for c in sets] for sets in controls])
 
 
-def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPrompts, Site, list[SnapshotAttribution]]:
+def local_corrupted(clean: torch.Tensor, corr: torch.Tensor, s: int) -> torch.Tensor:
+    """[N, T, S, D]: the clean activations of every snapshot but s, which has its corrupted ones: the encoder
+    input of the snapshot-local code (``attribution.code=local``)."""
+    out = clean.clone()
+    out[:, :, s] = corr[:, :, s]
+    return out
+
+
+def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPrompts, Site, list[SnapshotAttribution],
+                                                                  tuple[np.ndarray, np.ndarray]]:
     """The task's prompts through every snapshot: activations first (the encoder reads all snapshots), then
-    attribution and the causal check at each analysed snapshot. cfg: the ``attribution`` config node."""
+    attribution (selection half) and the causal check (test half) at each analysed snapshot. cfg: the
+    ``attribution`` config node. Returns the task, prompts, site, results and the (selection, test) split."""
     from hydra.utils import instantiate
     task = instantiate(cfg.task)
     site = model_site(run_files, cfg.repo, cfg.layer, cfg.hook)
@@ -209,21 +293,27 @@ def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPr
     clean = torch.stack(acts_clean, dim=2).to(device)  # [N, T, S, D]
     corr = torch.stack(acts_corr, dim=2).to(device)
     del acts_clean, acts_corr
+    local = cfg.code == "local"
     shared = crosscoder.activation != "paper"  # one code for every snapshot: compute it once
-    codes = (snapshot_code(crosscoder, clean, 0), snapshot_code(crosscoder, corr, 0)) if shared else None
+    codes = (snapshot_code(crosscoder, clean, 0), None if local else snapshot_code(crosscoder, corr, 0)) \
+        if shared else None
+    split = split_prompts(prompts, cfg.selection_fraction, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     results = []
     for name in tqdm(analysed, desc=f"{task.name}: attribution", unit="snapshot", dynamic_ncols=True):
         s = names.index(name)
         model = load_snapshot(site.repo, name, device=device)
-        code_clean, code_corr = codes if shared else (snapshot_code(crosscoder, clean, s),
-                                                      snapshot_code(crosscoder, corr, s))
+        code_clean = codes[0] if shared else snapshot_code(crosscoder, clean, s)
+        if local:  # the corruption as snapshot s alone sees it: the other snapshots' inputs stay clean
+            code_corr = snapshot_code(crosscoder, local_corrupted(clean, corr, s), s)
+        else:
+            code_corr = codes[1] if shared else snapshot_code(crosscoder, corr, s)
         results.append(attribute_snapshot(model, crosscoder, s, name, steps[s], prompts, site, clean[:, :, s],
-                                          corr[:, :, s], code_clean, code_corr, cfg.ig_steps, list(cfg.ks),
-                                          cfg.random_sets, B, rng))
+                                          corr[:, :, s], code_clean, code_corr, split, cfg.ig_steps, list(cfg.ks),
+                                          cfg.random_sets, B, rng, cfg.match_candidates))
         del model
         gc.collect()
-    return task, prompts, site, results
+    return task, prompts, site, results, split
 
 
 # ---- what the analysis writes ----------------------------------------------------------------------------------
@@ -233,35 +323,56 @@ def at_k(snapshot: dict, key: str, k: int, missing=None):
     return snapshot[key][snapshot["ks"].index(k)] if k in snapshot["ks"] else missing
 
 
-def gap_closed(result: SnapshotAttribution, metric: float) -> float | None:
-    """Share of the way from the clean metric to the corrupted baseline that ``metric`` has moved (0: not at
-    all, 1: all the way); None where the two are too close to tell (the task is not learned there)."""
-    gap = result.metric_clean - result.metric_baseline
-    return None if abs(gap) < 1e-6 else (result.metric_clean - metric) / gap
+def share(part: float, gap: float, min_gap: float) -> float | None:
+    """part / gap where the gap is at least min_gap, else None: a share of an effect below min_gap is a ratio
+    of noise and is not reported."""
+    return float(part / gap) if gap >= min_gap else None
+
+
+def gap_closed(result: SnapshotAttribution, metric: float, min_gap: float) -> float | None:
+    """Share of the way from the clean metric to the corrupted baseline (test half) that ``metric`` has moved
+    (0: not at all, 1: all the way); None where that gap is below min_gap (the task is not learned there)."""
+    return share(result.metric_clean - metric, result.metric_clean - result.metric_baseline, min_gap)
+
+
+def _mean_std(rows: list[list[float | None]]) -> tuple[list[float | None], list[float | None]]:
+    """Per k: mean and standard deviation over the draws; None where there is no draw or a draw is None."""
+    ok = [bool(row) and None not in row for row in rows]
+    return ([float(np.mean(row)) if good else None for row, good in zip(rows, ok)],
+            [float(np.std(row)) if good else None for row, good in zip(rows, ok)])
 
 
 def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttribution], table: pd.DataFrame | None,
-              cfg: Any) -> dict:
-    """attribution.json: everything the figure, the report and TensorBoard show."""
+              cfg: Any, split: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """attribution.json: everything the figure, the report and TensorBoard show. Per snapshot the top-level
+    metrics are the test half's (the causal check); ``selection`` holds the selection half's, over whose gap the
+    attribution shares are taken. Every share is None where its gap is below ``min_gap``."""
     snapshots = []
+    mg = cfg.min_gap
     for r in results:
         gap = r.metric_clean - r.metric_baseline
+        sel_gap = r.select_clean - r.select_baseline
         top = np.argsort(-r.ig, kind="stable")[:cfg.n_top]
-        rand = np.asarray(r.break_random, dtype=np.float64).reshape(len(r.ks), cfg.random_sets)
-        rand_closed = [[gap_closed(r, m) for m in row] for row in r.break_random]
+        rand_mean, rand_std = _mean_std(r.break_random)
+        closed_mean, closed_std = _mean_std([[gap_closed(r, m, mg) for m in row] for row in r.break_random])
         snapshots.append({
             "name": r.name, "step": r.step, "metric_clean": r.metric_clean, "metric_corrupted": r.metric_corrupted,
-            "metric_baseline": r.metric_baseline, "gap": gap, "learned": bool(gap >= cfg.min_gap),
+            "metric_baseline": r.metric_baseline, "gap": gap, "learned": bool(gap >= mg),
+            "selection": {"metric_clean": r.select_clean, "metric_baseline": r.select_baseline, "gap": sel_gap,
+                          "learned": bool(sel_gap >= mg)},
             "sum_ig": float(r.ig.sum()), "error_ig": r.error_ig,
-            "completeness_error": float(r.ig.sum() + r.error_ig - gap),
+            "feature_share": share(float(r.ig.sum()), sel_gap, mg), "error_share": share(r.error_ig, sel_gap, mg),
+            "completeness_error": float(r.ig.sum() + r.error_ig - sel_gap),
             "n_changed": int(r.changed.sum()),
             "ks": r.ks,
-            "break_top": r.break_top, "break_random_mean": rand.mean(1).tolist(), "break_random_std": rand.std(1).tolist(),
-            "restore_top": r.restore_top,
-            "break_top_closed": [gap_closed(r, m) for m in r.break_top],
-            "break_random_closed_mean": [None if None in row else float(np.mean(row)) for row in rand_closed],
-            "restore_top_recovered": [None if (c := gap_closed(r, m)) is None else 1 - c for m in r.restore_top],
-            "top_features": [_feature_row(r, i, gap, table) for i in top],
+            "break_top": r.break_top, "break_random_mean": rand_mean, "break_random_std": rand_std,
+            "break_random": r.break_random, "restore_top": r.restore_top,
+            "size_top": r.size_top, "size_random_mean": (size_rand := _mean_std(r.size_random)[0]),
+            "control_size_ratio": [None if m is None or t <= 0 else m / t for m, t in zip(size_rand, r.size_top)],
+            "break_top_closed": [gap_closed(r, m, mg) for m in r.break_top],
+            "break_random_closed_mean": closed_mean, "break_random_closed_std": closed_std,
+            "restore_top_recovered": [None if (c := gap_closed(r, m, mg)) is None else 1 - c for m in r.restore_top],
+            "top_features": [_feature_row(r, i, sel_gap, mg, table) for i in top],
         })
     learned = [s for s in snapshots if s["learned"]]
     k = cfg.show_k
@@ -270,24 +381,32 @@ def summarise(task, prompts: TaskPrompts, site: Site, results: list[SnapshotAttr
         if k in s["ks"]:
             top_c, rand_c = at_k(s, "break_top_closed", k), at_k(s, "break_random_closed_mean", k)
             verdicts.append(top_c >= 0.5 and rand_c is not None and rand_c < 0.5 * top_c)
+    sel, test = split if split is not None else (np.arange(len(prompts.clean)), np.arange(len(prompts.clean)))
+    code = getattr(cfg, "code", "joint")
     return {
-        "task": task.name, "metric": task.metric,
+        "task": task.name + ("_local" if code == "local" else ""), "metric": task.metric, "code": code,
         "task_config": {f.name: (v.config() if hasattr(v := getattr(task, f.name), "config") else v)
                         for f in dataclasses.fields(task)},  # a corpus is recorded by its configuration
         "n_prompts": int(len(prompts.clean)), "prompt_tokens": int(prompts.clean.shape[1]),
+        "split": {"selection": int(len(sel)), "test": int(len(test)),
+                  "rule": "attributions and the top-k choice on the selection prompts, the causal check on the "
+                          "test prompts; pairs sharing a prompt stay in one half"},
         "examples": [dict(zip(("clean", "corrupted", "answer", "wrong"), e)) for e in prompts.examples],
         "model": site._asdict(), "ig_steps": cfg.ig_steps, "random_sets": cfg.random_sets, "show_k": k,
-        "min_gap": cfg.min_gap, "snapshots": snapshots,
+        "match_candidates": getattr(cfg, "match_candidates", None),
+        "min_gap": mg, "snapshots": snapshots,
+        "shares": "every share of a gap (feature_share, error_share, share_of_gap, *_closed, *_recovered) is null "
+                  "where that gap (selection half for attributions, test half for the causal check) is below min_gap",
         "causal_check": {"k": k, "learned_snapshots": len(learned), "passed": int(sum(verdicts)),
-                         "rule": "at a snapshot where the task is learned (clean - baseline >= min_gap), breaking the "
-                                 "top k features closes >= 50% of the gap and random sets close < half of what "
-                                 "the top k close"},
+                         "rule": "at a snapshot where the task is learned on the test prompts (clean - baseline >= "
+                                 "min_gap), breaking the top k features (chosen on the selection prompts) closes >= "
+                                 "50% of the gap and the matched random sets close < half of what the top k close"},
     }
 
 
-def _feature_row(r: SnapshotAttribution, i: int, gap: float, table: pd.DataFrame | None) -> dict:
-    row = {"feature": int(i), "ig": float(r.ig[i]), "atp": float(r.atp[i]),
-           "share_of_gap": float(r.ig[i] / gap) if abs(gap) > 1e-6 else None}
+def _feature_row(r: SnapshotAttribution, i: int, gap: float, min_gap: float, table: pd.DataFrame | None) -> dict:
+    row = {"feature": int(i), "ig": float(r.ig[i]), "atp": float(r.atp[i]), "share_of_gap": share(r.ig[i], gap, min_gap),
+           "size": float(r.size[i])}
     if table is not None:
         t = table.iloc[int(i)]
         row.update(category=str(t.category), emergence_step=None if pd.isna(t.emergence_step) else int(t.emergence_step),
@@ -329,12 +448,14 @@ def log_scalars(summary: dict, log_dir: Path) -> None:
     try:
         for s in summary["snapshots"]:
             values = {"metric_clean": s["metric_clean"], "metric_corrupted": s["metric_corrupted"],
-                      "metric_baseline": s["metric_baseline"], "completeness_error": s["completeness_error"]}
+                      "metric_baseline": s["metric_baseline"], "completeness_error": s["completeness_error"],
+                      "feature_share": s["feature_share"], "error_share": s["error_share"]}
             if k in s["ks"]:
                 values.update({f"break_top{k}": at_k(s, "break_top", k),
                                f"break_random{k}": at_k(s, "break_random_mean", k),
                                f"restore_top{k}": at_k(s, "restore_top", k)})
             for name, v in values.items():
-                writer.add_scalar(f"attribution/{task}/{name}", v, s["step"])
+                if v is not None:  # a share below min_gap is not a result
+                    writer.add_scalar(f"attribution/{task}/{name}", v, s["step"])
     finally:
         writer.close()

@@ -16,7 +16,10 @@ class AttributionConfig:
     ig_steps: int = 16  # integrated-gradients steps between the corrupted and the clean hook output
     ks: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])  # sizes of the broken feature sets
     show_k: int = 50  # the k drawn over snapshots and judged by the causal check ("a few dozen", as the paper)
-    random_sets: int = 5  # random feature sets per k, among the features the corruption changes
+    random_sets: int = 5  # matched random feature sets per k (controls)
+    match_candidates: int = 5  # a control for a top feature is drawn among the this many nearest in mean |delta f|
+    selection_fraction: float = 0.5  # share of the prompt pairs that select the top features; the rest test them
+    code: str = "joint"  # corrupted code: joint (from every snapshot's corrupted input) | local (snapshot s's only)
     n_top: int = 20  # top features per snapshot in top_features.csv and attribution.json
     min_gap: float = 0.1  # a snapshot has learned the task when clean - baseline metric >= this (nats)
     batch_size: int = 32  # prompts per forward pass
@@ -24,7 +27,7 @@ class AttributionConfig:
     repo: Optional[str] = None  # snapshot models; null = the dataset's record (local suite folder or hub id)
     layer: Optional[int] = None  # hook block; null = the dataset's record
     hook: Optional[str] = None  # resid_post | mlp_out | attn_out; null = the dataset's record
-    seed: int = 0  # random feature sets
+    seed: int = 0  # the prompt split and the random control sets
 
 
 @dataclass
@@ -69,6 +72,9 @@ def check(cfg: Any) -> None:
                   ("attribution.ks", len(a.ks) > 0 and all(k > 0 for k in a.ks), "a non-empty list of k > 0"),
                   ("attribution.show_k", a.show_k in a.ks, f"one of attribution.ks {list(a.ks)}"),
                   ("attribution.random_sets", a.random_sets > 0, "> 0"),
+                  ("attribution.match_candidates", a.match_candidates > 0, "> 0"),
+                  ("attribution.selection_fraction", 0 < a.selection_fraction < 1, "in (0, 1)"),
+                  ("attribution.code", a.code in ("joint", "local"), "joint or local"),
                   ("attribution.n_top", a.n_top > 0, "> 0"),
                   ("attribution.batch_size", a.batch_size > 0, "> 0")]
     for key, ok, want in rules:

@@ -78,30 +78,50 @@ def browser_html(entries: list[dict], steps: list[int]) -> str:
     return "".join(cards)
 
 
+def _share(v: float | None) -> str | None:
+    return None if v is None else f"{v:.0%}"
+
+
+def _mean_sd(mean: float | None, sd: float | None) -> str | None:
+    return None if mean is None else f"{mean:.0%} ± {sd:.0%}"
+
+
 def attribution_html(result: dict, figure: Path | None) -> str:
-    """One task's attribution (analysis/attribution.py summarise): verdict, figure, per-snapshot table, top features."""
+    """One task's attribution (analysis/attribution.py summarise): verdict, figure, per-snapshot table, top features.
+    Shares of a gap below min_gap are shown as "–" (attribution.json has them as null)."""
     k = result["show_k"]
     check = result["causal_check"]
     m = result["model"]
+    split = result.get("split") or {"selection": result["n_prompts"], "test": result["n_prompts"]}
     intro = (f'<p>Metric: {html.escape(result["metric"])}; {result["n_prompts"]} prompt pairs of '
-             f'{result["prompt_tokens"]} tokens; hook {html.escape(m["hook"])} after block {m["layer"]} of '
-             f'<code>{html.escape(m["repo"])}</code>; integrated gradients with {result["ig_steps"]} steps. '
-             f'Causal check at k = {k}: passed at {check["passed"]} of the {check["learned_snapshots"]} snapshots '
-             f'where the task is learned ({html.escape(check["rule"])}).</p>')
+             f'{result["prompt_tokens"]} tokens: {split["selection"]} select the features (attributions), '
+             f'{split["test"]} others test them (causal check); hook {html.escape(m["hook"])} after block '
+             f'{m["layer"]} of <code>{html.escape(m["repo"])}</code>; integrated gradients with {result["ig_steps"]} '
+             f'steps; corrupted code: {html.escape(result.get("code", "joint"))} (docs/ANALYSIS.md). '
+             f'Controls: {result["random_sets"]} sets of k random features matched to the top k in mean '
+             f'|f_clean − f_corr| up to the answer position. Causal check at k = {k}: passed at {check["passed"]} of '
+             f'the {check["learned_snapshots"]} snapshots where the task is learned ({html.escape(check["rule"])}). '
+             f'Shares are not reported ("–") where their gap is below min_gap = {result["min_gap"]:g} nats.</p>')
     examples = table_html(["clean prompt", "corrupted prompt", "answer", "wrong"],
                           [[e["clean"], e["corrupted"], e["answer"], e["wrong"]] for e in result["examples"][:3]])
-    rows = [[s["name"], s["step"], s["metric_clean"], s["metric_baseline"], "yes" if s["learned"] else "no",
-             at_k(s, "break_top_closed", k), at_k(s, "break_random_closed_mean", k), at_k(s, "restore_top_recovered", k),
-             s["completeness_error"], ", ".join(f'#{f["feature"]} ({f["share_of_gap"]:.0%})'
-                                                 if f["share_of_gap"] is not None else f'#{f["feature"]}'
-                                                 for f in s["top_features"][:5])]
-            for s in result["snapshots"]]
-    per_snapshot = table_html(["snapshot", "step", "clean", "baseline", "learned", f"gap closed by top {k} broken",
-                               f"... by random {k} (mean)", f"recovered by top {k} restored",
-                               "completeness error", "top 5 features (share of gap)"], rows)
-    fig = figure_html(figure, f"7. {result['task']}: the metric over snapshots with the top / random {k} features "
-                              "broken and the top restored (top); each carrier's share of the gap (middle); "
-                              "their decoder norms (bottom).") if figure else ""
+    rows = []
+    for s in result["snapshots"]:
+        sel = s.get("selection", {"gap": s["gap"], "learned": s["learned"]})
+        top5 = ", ".join(f'#{f["feature"]}' + (f' ({f["share_of_gap"]:.0%})' if f["share_of_gap"] is not None else "")
+                         for f in s["top_features"][:5])
+        rows.append([s["name"], s["step"], sel["gap"], _share(s.get("feature_share")), _share(s.get("error_share")),
+                     s["completeness_error"], s["gap"], "yes" if s["learned"] else "no",
+                     _share(at_k(s, "break_top_closed", k)),
+                     _mean_sd(at_k(s, "break_random_closed_mean", k), at_k(s, "break_random_closed_std", k)),
+                     _share(at_k(s, "restore_top_recovered", k)), top5])
+    per_snapshot = table_html(["snapshot", "step", "gap (selection)", "features' share", "error term's share",
+                               "completeness error", "gap (test)", "learned (test)", f"gap closed by top {k} broken",
+                               f"... by matched random {k} (mean ± sd)", f"recovered by top {k} restored",
+                               "top 5 features (share of gap)"], rows)
+    fig = figure_html(figure, f"7. {result['task']}: the effect over snapshots on the test prompts with the top / "
+                              f"matched random {k} features broken and the top restored; the share carried by the "
+                              "features and by the error term; each carrier's share of the gap; their decoder "
+                              "norms. Grey: the effect is below min_gap, no share reported.") if figure else ""
     return intro + examples + fig + per_snapshot
 
 

@@ -1,9 +1,11 @@
 """A sweep (Hydra multirun folder of run folders): explained variance against L0, the Pareto frontier, and
 crosscoders against single-snapshot SAEs (runs trained with one snapshot, ``data.snapshots=[stepN]``).
 
-Numbers come from each run's metrics.json (val/explained_variance[/<snapshot>], val/l0). L0 of a
-crosscoder is that of its shared code unless the run has been analysed (``<run>/analysis/summary.json``),
-whose per-snapshot L0 (latents active at the snapshot) is used instead.
+Numbers come from each run's metrics.json (val/explained_variance[/<snapshot>], val/l0). L0 has one definition
+for crosscoders and SAEs alike, L0_DEFINITION: the training's validation count of latents with f > 0 per token
+(crosscoder.metrics.l0), whether or not a run was analysed since. (An analysed crosscoder's per-snapshot
+"active at s" L0 in <run>/analysis/summary.json counts only latents whose contribution exceeds a threshold;
+an SAE has no such number, so the comparison does not use it.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from analysis.figures import log_x, set_step_axis  # noqa: E402
 from analysis.run_files import select, snapshot_steps  # noqa: E402
 from data.format import FormatError, read_manifest  # noqa: E402
+
+L0_DEFINITION = "L0 = latents with f > 0 per held-out token (training validation, val/l0), for crosscoders and SAEs alike"
 
 
 def run_folders(source: str | Path | list) -> list[Path]:
@@ -74,10 +78,6 @@ def collect_runs(source: str | Path | list) -> pd.DataFrame:
         metrics = json.loads((run / "metrics.json").read_text())
         config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else OmegaConf.create({})
         names = _snapshot_names(run, metrics, config)
-        l0_per = {}
-        analysed = run / "analysis" / "summary.json"
-        if analysed.is_file():
-            l0_per = json.loads(analysed.read_text())["l0"].get("per_snapshot") or {}
         row = {"job": job, "run": str(run), "kind": "crosscoder" if len(names) > 1 else "sae",
                "n_snapshots": len(names), "snapshots": ",".join(names),
                "d_sae": metrics.get("d_sae", select(config, "crosscoder.d_sae")),
@@ -88,7 +88,7 @@ def collect_runs(source: str | Path | list) -> pd.DataFrame:
         for name, step in zip(names, _steps(names, config)):
             ev = metrics.get(f"val/explained_variance/{name}")
             row[f"ev_{name}"] = ev if ev is not None else (row["explained_variance"] if len(names) == 1 else None)
-            row[f"l0_{name}"] = l0_per.get(name, metrics.get(f"val/l0/{name}", row["l0"]))
+            row[f"l0_{name}"] = metrics.get(f"val/l0/{name}", row["l0"])  # L0_DEFINITION, never a thresholded count
             row[f"step_{name}"] = step
         rows.append(row)
     runs = pd.DataFrame(rows)
@@ -163,7 +163,7 @@ def fig_pareto(runs: pd.DataFrame):
                         xytext=(4, 3), textcoords="offset points", color="#555")
     ax.set_xscale("log")
     _plain_log_axis(ax.xaxis)
-    ax.set_xlabel("L0 (active latents per token, log scale)")
+    ax.set_xlabel("L0: latents with f > 0 per token (log scale)")
     ax.set_ylabel("explained variance (all snapshots)")
     ax.set_title("Explained variance against L0 (labels: d_sae / l1_coef; size ~ d_sae)")
     ax.grid(alpha=0.3, which="both")
@@ -189,7 +189,7 @@ def fig_crosscoder_vs_sae(runs: pd.DataFrame):
         a.scatter(log_x([steps[r.snapshots]]), [r[f"ev_{r.snapshots}"]], marker="^", s=70, edgecolor="k",
                   color=cmap(norm(r.l0)) if norm and pd.notna(r.l0) else "gray", zorder=3)
     if norm:
-        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=a, label="L0")
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=a, label="L0 (f > 0 per token)")
         _plain_log_axis(bar.ax.yaxis)
     set_step_axis(a, list(steps.values()))
     a.set_ylabel("explained variance at the snapshot")
@@ -213,7 +213,7 @@ def fig_crosscoder_vs_sae(runs: pd.DataFrame):
         b.plot(ax_l0.to_numpy()[front], ax_ev.to_numpy()[front], "-", color=color, lw=1.5)
     b.set_xscale("log")
     _plain_log_axis(b.xaxis)
-    b.set_xlabel("L0 (log scale)")
+    b.set_xlabel("L0: latents with f > 0 per token (log scale)")
     b.set_ylabel(f"explained variance on {target}")
     b.set_title(f"(b) Pareto frontiers on {target} (step {steps[target]})")
     b.grid(alpha=0.3, which="both")
@@ -222,7 +222,7 @@ def fig_crosscoder_vs_sae(runs: pd.DataFrame):
 
 
 def sweep_summary(runs: pd.DataFrame) -> dict:
-    out = {"runs": len(runs), "snapshot_steps": snapshot_steps_of(runs), "frontier": {}}
+    out = {"runs": len(runs), "snapshot_steps": snapshot_steps_of(runs), "l0_definition": L0_DEFINITION, "frontier": {}}
     for kind, g in runs.groupby("kind"):
         g = g.dropna(subset=["l0", "explained_variance"])
         front = g.iloc[pareto_front(g.l0.to_numpy(), g.explained_variance.to_numpy())]

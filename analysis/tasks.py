@@ -37,6 +37,55 @@ class TaskPrompts(NamedTuple):
     examples: list[tuple[str, str, str, str]]  # a few (clean, corrupted, answer, wrong) as text, for the report
 
 
+def take(prompts: TaskPrompts, rows) -> TaskPrompts:
+    """The prompt pairs at ``rows`` (indices), as a TaskPrompts of their own (examples kept as they are)."""
+    idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    return TaskPrompts(prompts.clean[idx], prompts.corrupted[idx], prompts.answer[idx], prompts.wrong[idx],
+                       prompts.position[idx], prompts.examples)
+
+
+def split_prompts(prompts: TaskPrompts, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(selection, test): sorted indices of two disjoint sets of prompt pairs, the first about ``fraction`` of
+    them, drawn at random (``seed``). Pairs that share their clean or their corrupted prompt always go to the
+    same set, so no prompt is in both, even when a template task repeats one."""
+    N = len(prompts.clean)
+    parent = list(range(N))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for ids in (prompts.clean, prompts.corrupted):
+        first: dict[bytes, int] = {}
+        for i, row in enumerate(ids.numpy()):
+            j = first.setdefault(row.tobytes(), i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(N):
+        groups.setdefault(root(i), []).append(i)
+    if len(groups) < 2:
+        raise ValueError(f"attribution: {N} prompt pair(s) with {len(groups)} distinct prompt(s) cannot be split "
+                         "into a selection and a test half; use more prompts")
+    order = [groups[g] for g in np.random.default_rng(seed).permutation(sorted(groups))]
+    want = min(max(round(fraction * N), 1), N - 1)
+    selection: list[int] = []
+    for members in order[:-1]:  # the last group always goes to the test set, so neither set is empty
+        if len(selection) >= want:
+            break
+        selection += members
+    test = sorted(set(range(N)) - set(selection))
+    return np.array(sorted(selection), dtype=np.int64), np.array(test, dtype=np.int64)
+
+
+def answer_mask(prompts: TaskPrompts, T: int, drop_first: int) -> torch.Tensor:
+    """[N, T] bool over the positions from drop_first on: True up to and including each prompt's answer
+    position, False on the right padding after it (which a causal model cannot use for the answer)."""
+    t = torch.arange(T) + drop_first
+    return t[None, :] <= prompts.position[:, None]
+
+
 def logit_diff(logits: torch.Tensor, prompts: TaskPrompts, rows: slice = slice(None)) -> torch.Tensor:
     """[n] logit[answer] - logit[wrong] at each prompt's answer position; logits [n, T, V] for ``rows``."""
     n = torch.arange(logits.shape[0], device=logits.device)

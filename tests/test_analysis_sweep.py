@@ -145,3 +145,20 @@ def test_sae_baselines_from_a_separate_sweep(tmp_path):
     runs = pd.read_csv(out / "runs.csv", dtype={"job": str})
     assert runs.kind.tolist() == ["crosscoder", "sae", "sae"] and runs.job.tolist() == ["0", "0", "0"]
     assert runs.run.tolist()[1:] == [str(tmp_path / "sae" / "0"), str(tmp_path / "sae2" / "0")]
+
+
+def test_crosscoders_and_saes_share_one_l0_definition(sweep):
+    """An analysed crosscoder's summary.json holds a thresholded per-snapshot L0 ("active at s"); the sweep must
+    not mix it with the SAEs' f > 0 count: both sides read val/l0, whether or not a run was analysed."""
+    from analysis.sweep import L0_DEFINITION
+    from analyze import CAPTIONS, analyze_sweep
+    analysed = sweep / "0" / "analysis"
+    analysed.mkdir()
+    (analysed / "summary.json").write_text(json.dumps({"l0": {"overall": 20, "per_snapshot": dict(zip(NAMES, [2, 5, 7]))}}))
+    runs = collect_runs(sweep)
+    assert runs.loc[0, ["l0_step0", "l0_step100", "l0_step1000"]].tolist() == [20, 20, 20]  # val/l0, not 2 / 5 / 7
+    assert runs.loc[3, "l0_step1000"] == 15 and runs.loc[4, "l0_step1000"] == 30  # the SAEs' val/l0
+    out = analyze_sweep(compose_analyze([f"sweep={sweep}", "tensorboard=false"]))
+    assert json.loads((out / "sweep_analysis.json").read_text())["l0_definition"] == L0_DEFINITION
+    assert "f > 0" in L0_DEFINITION and L0_DEFINITION in CAPTIONS["fig5_crosscoder_vs_sae"]
+    assert "f &gt; 0" in (out / "report.html").read_text()  # the caption, as the report prints it

@@ -11,11 +11,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.attribution import (Site, attribute_snapshot, causal_check, feature_attribution, mean_gradient,
-                                  model_site)
+from analysis.attribution import (
+    Site,
+    attribute_snapshot,
+    causal_check,
+    change_size,
+    feature_attribution,
+    matched_controls,
+    mean_gradient,
+    model_site,
+)
 from analysis.run_files import load_run
 from analysis.splice import decode_at, hook_activations, logits_with, snapshot_code
-from analysis.tasks import IOI, SVA, Induction, logit_diff
+from analysis.tasks import IOI, SVA, Induction, TaskPrompts, answer_mask, logit_diff, split_prompts, take
 from crosscoder.model import Crosscoder
 from data.format import read_manifest
 from data.snapshots import load_snapshot, load_tokenizer
@@ -216,26 +224,99 @@ def test_attributions_match_independent_float64_computations(suite, dataset, act
 
 
 def test_integrated_gradients_are_complete_and_patching_is_exact(suite, dataset):
-    t = Spliced(suite, dataset, "relu")
+    t = Spliced(suite, dataset, "relu", n_prompts=8)
     rng = np.random.default_rng(0)
+    sel, test = split_prompts(t.prompts, 0.5, seed=1)
     r = attribute_snapshot(t.model, t.cc, t.s, "step2", 2, t.prompts, t.site, t.h_clean, t.h_corr, t.f_clean,
-                           t.f_corr, ig_steps=32, ks=[1, 3, 1000], random_sets=2, batch_size=4, rng=rng)
-    gap = r.metric_clean - r.metric_baseline
-    assert r.metric_clean == pytest.approx(t.metric(t.h_clean).item(), abs=1e-12)
+                           t.f_corr, (sel, test), ig_steps=32, ks=[1, 3, 1000], random_sets=2, batch_size=4, rng=rng)
+    p_sel, p_test = take(t.prompts, sel), take(t.prompts, test)
+
+    def metric(prompts, h):
+        return logit_diff(logits_with(t.model, prompts.clean, 1, "resid_post", 1, h), prompts).mean().item()
+
+    # attributions come from the selection prompts only, the causal check from the test prompts only
+    assert r.select_clean == pytest.approx(metric(p_sel, t.h_clean[sel]), abs=1e-12)
+    assert r.select_baseline == pytest.approx(metric(p_sel, t.h_corr[sel]), abs=1e-12)
+    assert r.metric_clean == pytest.approx(metric(p_test, t.h_clean[test]), abs=1e-12)
     assert r.metric_baseline == pytest.approx(r.metric_corrupted, abs=1e-9)  # resid_post carries everything
-    assert abs(gap) > 1e-3
-    assert r.ig.sum() + r.error_ig == pytest.approx(gap, rel=1e-4)  # completeness
+    sel_gap = r.select_clean - r.select_baseline
+    assert abs(sel_gap) > 1e-3 and abs(r.metric_clean - r.select_clean) > 1e-6  # two different sets of prompts
+    assert r.ig.sum() + r.error_ig == pytest.approx(sel_gap, rel=1e-4)  # completeness on the selection half
+    delta_sel = (t.f_clean - t.f_corr)[sel]
+    grad = mean_gradient(t.model, p_sel, t.site, t.h_clean[sel], t.h_corr[sel], [(j + 0.5) / 32 for j in range(32)], 4)
+    np.testing.assert_allclose(r.ig, feature_attribution(t.cc, t.s, delta_sel, grad, 4), rtol=1e-9, atol=1e-14)
     n_changed = int(r.changed.sum())
     assert r.ks == [1, 3, n_changed] and len(r.break_random[0]) == 2  # k capped at the changed features
+    assert r.break_random[-1] == []  # no control set can be disjoint from every changed feature
 
     # breaking every changed feature is the clean run with the corrupted code and the clean error term
     e_clean, e_corr = t.h_clean - decode_at(t.cc, t.f_clean, t.s), t.h_corr - decode_at(t.cc, t.f_corr, t.s)
     changed = np.flatnonzero(r.changed)
-    _, top, rand, restore = causal_check(t.model, t.cc, t.s, t.prompts, t.site, t.h_clean, t.h_corr,
-                                         t.f_clean - t.f_corr, changed, r.changed, [len(changed)], 1, rng, 4)
+    top, rand, restore = causal_check(t.model, t.cc, t.s, t.prompts, t.site, t.h_clean, t.h_corr,
+                                      t.f_clean - t.f_corr, [changed], [[changed[::-1]]], 4)
     assert top[0] == pytest.approx(t.metric(decode_at(t.cc, t.f_corr, t.s) + e_clean).item(), rel=1e-9)
     assert rand[0][0] == pytest.approx(top[0], rel=1e-9)  # all changed features, in another order
     assert restore[0] == pytest.approx(t.metric(decode_at(t.cc, t.f_clean, t.s) + e_corr).item(), rel=1e-9)
+    # the reported break_top at k=1 is the test prompts' metric with the top selection feature patched
+    f = int(np.argmax(r.ig))
+    d = (t.f_clean - t.f_corr)[test][..., [f]] @ (t.cc.W_dec[[f], t.s] / t.cc.scale[t.s])
+    assert r.break_top[0] == pytest.approx(metric(p_test, t.h_clean[test] - d), rel=1e-9)
+
+
+# ---- the prompt split and the matched controls ---------------------------------------------------------------------
+def test_split_puts_no_prompt_in_both_halves(suite):
+    p = Induction(n_prompts=40, seq_len=4, seed=2).prompts(load_tokenizer(str(suite), "step0"))
+    # duplicates, as a template task can draw: rows 0-3 share one clean prompt, rows 5 and 6 one corrupted prompt
+    clean, corrupted = p.clean.clone(), p.corrupted.clone()
+    clean[1:4], corrupted[6] = clean[0], corrupted[5]
+    p = p._replace(clean=clean, corrupted=corrupted)
+    for seed in range(6):
+        sel, test = split_prompts(p, 0.5, seed)
+        assert sorted([*sel, *test]) == list(range(40)) and not set(sel) & set(test)
+        rows = lambda ids, idx: {tuple(r) for r in ids[idx].tolist()}  # noqa: E731
+        assert not rows(clean, sel) & rows(clean, test) and not rows(corrupted, sel) & rows(corrupted, test)
+        assert 19 <= len(sel) <= 23  # half, give or take the 4-prompt group
+    assert not np.array_equal(split_prompts(p, 0.5, 0)[0], split_prompts(p, 0.5, 1)[0])  # seeded
+    assert len(split_prompts(p, 0.25, 0)[0]) in range(10, 14)
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_prompts(p._replace(clean=p.clean[:1].repeat(3, 1), corrupted=p.corrupted[:1].repeat(3, 1)), 0.5, 0)
+
+
+def test_answer_mask_and_change_size_by_hand():
+    p = TaskPrompts(torch.zeros(2, 6), torch.zeros(2, 6), torch.zeros(2), torch.zeros(2), torch.tensor([5, 3]), [])
+    mask = answer_mask(p, T=5, drop_first=1)  # positions 1..5
+    assert mask.tolist() == [[True] * 5, [True, True, True, False, False]]
+    delta = torch.zeros(2, 5, 3)
+    delta[0, 0, 0], delta[1, 2, 0] = 2.0, -4.0  # counted: 6 over 8 positions
+    delta[1, 4, 1] = 9.0  # on the padding after prompt 1's answer: not counted
+    delta[0, 4, 2] = -1.0
+    np.testing.assert_allclose(change_size(delta, mask), [6 / 8, 0.0, 1 / 8])
+
+
+def test_matched_controls_are_disjoint_and_as_large_as_the_top_set():
+    rng = np.random.default_rng(0)
+    F = 1024
+    size = np.exp(rng.normal(0, 1.5, F))  # mean |delta f| per feature, spread over two orders of magnitude
+    size[rng.choice(F, 200, replace=False)] = 0  # features the corruption does not change
+    pool = np.flatnonzero(size > 0)
+    # a top set biased to large effects, as attribution picks them (half from the largest 10%)
+    big = pool[np.argsort(-size[pool])[:80]]
+    top = np.concatenate([rng.choice(big, 25, replace=False), rng.choice(np.setdiff1d(pool, big), 25, replace=False)])
+    sets = matched_controls(size, top, pool, draws=8, rng=rng, candidates=5)
+    assert len(sets) == 8
+    for c in sets:
+        assert len(c) == 50 and len(set(c)) == 50 and not set(c) & set(top) and set(c) <= set(pool)
+        assert size[c].mean() == pytest.approx(size[top].mean(), rel=0.10)  # stated tolerance: 10%
+    assert len({tuple(sorted(c)) for c in sets}) > 1  # draws differ
+    # the old control (uniform over every changed feature) is far smaller than the top set
+    uniform = [size[rng.choice(pool, 50, replace=False)].mean() for _ in range(8)]
+    assert np.mean(uniform) < 0.6 * size[top].mean()
+    assert matched_controls(size, pool[:10], pool[:15], draws=2, rng=rng) == []  # 5 left for 10: no control
+    # per feature too: each control feature is one of the 5 nearest free ones to its running target, so the
+    # largest top feature gets one of the 5 largest in the pool when nothing as large is left
+    largest = top[np.argmax(size[top])]
+    rest = np.setdiff1d(pool, top)
+    assert all(size[c[0]] >= np.sort(size[rest])[-5] or size[largest] < np.sort(size[rest])[-5] for c in sets)
 
 
 # ---- analyze.py attribution=<task> ----------------------------------------------------------------------------------
@@ -252,12 +333,21 @@ def test_analyze_attribution_end_to_end(suite, dataset, tmp_path):
     result = json.loads((folder / "attribution.json").read_text())
     assert [s["name"] for s in result["snapshots"]] == REVISIONS and result["task"] == "induction"
     assert result["task_config"]["seq_len"] == 5 and result["task_config"]["corpus"]["split"] == "validation"
+    assert result["split"]["selection"] == result["split"]["test"] == 4
     for s in result["snapshots"]:
         assert s["ks"] == [1, 4] and len(s["top_features"]) == 5
         # 4 steps in float32: quadrature error (the float64 test above checks completeness tightly)
-        assert abs(s["completeness_error"]) <= 0.05 * abs(s["gap"]) + 1e-5
+        assert abs(s["completeness_error"]) <= 0.05 * abs(s["selection"]["gap"]) + 1e-5
         assert s["top_features"][0]["ig"] >= s["top_features"][-1]["ig"]
-        assert s["learned"] == (s["gap"] >= 0.1)  # min_gap
+        assert s["learned"] == (s["gap"] >= 0.1) and s["selection"]["learned"] == (s["selection"]["gap"] >= 0.1)
+        if s["selection"]["learned"]:  # features' and error term's shares add up to the gap (completeness)
+            assert s["feature_share"] + s["error_share"] == pytest.approx(
+                1 + s["completeness_error"] / s["selection"]["gap"], abs=1e-9)
+        else:
+            assert s["feature_share"] is None and s["error_share"] is None
+        if not s["learned"]:
+            assert s["break_top_closed"] == [None, None]
+        assert len(s["break_random"][1]) == 3 and s["size_random_mean"][1] > 0
     npz = np.load(folder / "attribution.npz")
     assert npz["ig"].shape == npz["atp"].shape == (3, 48)
     np.testing.assert_allclose(npz["ig"].sum(1), [s["sum_ig"] for s in result["snapshots"]], rtol=1e-9)
@@ -274,6 +364,13 @@ def test_analyze_attribution_end_to_end(suite, dataset, tmp_path):
     assert [e.step for e in clean] == [0, 1, 2]
     assert [e.value for e in clean] == pytest.approx([s["metric_clean"] for s in result["snapshots"]], rel=1e-6)
     assert "attribution/induction/break_random4" in events.Tags()["scalars"]
+
+    # the snapshot-local code: its own folder, beside the joint code's
+    out = analyze_run(compose_analyze([f"run={run}", "attribution=induction", "attribution.code=local", *small]))
+    local = json.loads((out / "attribution" / "induction_local" / "attribution.json").read_text())
+    assert local["code"] == "local" and result["code"] == "joint" and local["task"] == "induction_local"
+    assert [s["metric_clean"] for s in local["snapshots"]] == [s["metric_clean"] for s in result["snapshots"]]
+    assert "Attribution: induction_local" in (out / "report.html").read_text()
 
     # a second task's failure names the task; an unknown snapshot names the key
     with pytest.raises(ValueError, match="'ioi'"):
@@ -296,23 +393,71 @@ def test_summary_gap_fractions_and_verdict_by_hand():
     from types import SimpleNamespace
 
     from analysis.attribution import SnapshotAttribution, summarise
-    cfg = SimpleNamespace(n_top=2, min_gap=0.5, show_k=1, random_sets=2, ig_steps=4)
+    from analysis.report import attribution_html
+    cfg = SimpleNamespace(n_top=2, min_gap=0.5, show_k=1, random_sets=2, ig_steps=4, match_candidates=5)
+    # selection gap 1.5 - (-0.5) = 2.0: feature share (0.2 + 1.2 - 0.1) / 2 = 0.65, error share 0.7 / 2 = 0.35
     learned = SnapshotAttribution(
-        name="step8", step=8, metric_clean=2.0, metric_corrupted=-0.5, metric_baseline=0.0,
-        ig=np.array([0.2, 1.2, -0.1]), atp=np.array([0.1, 1.0, 0.0]), error_ig=0.7, changed=np.array([1, 1, 0], bool),
-        ks=[1], break_top=[1.0], break_random=[[1.8, 2.0]], restore_top=[1.5])
+        name="step8", step=8, select_clean=1.5, select_baseline=-0.5, ig=np.array([0.2, 1.2, -0.1]),
+        atp=np.array([0.1, 1.0, 0.0]), error_ig=0.7, size=np.array([0.3, 0.5, 0.0]), metric_clean=2.0,
+        metric_corrupted=-0.5, metric_baseline=0.0, ks=[1], break_top=[1.0], break_random=[[1.8, 2.0]],
+        restore_top=[1.5], size_top=[0.5], size_random=[[0.4, 0.6]])
     nothing = SnapshotAttribution(  # a crosscoder whose code the corruption does not change: no k is usable
-        name="step0", step=0, metric_clean=0.1, metric_corrupted=0.1, metric_baseline=0.1, ig=np.zeros(3),
-        atp=np.zeros(3), error_ig=0.0, changed=np.zeros(3, bool), ks=[], break_top=[], break_random=[], restore_top=[])
+        name="step0", step=0, select_clean=0.1, select_baseline=0.1, ig=np.zeros(3), atp=np.zeros(3), error_ig=0.0,
+        size=np.zeros(3), metric_clean=0.1, metric_corrupted=0.1, metric_baseline=0.1, ks=[], break_top=[],
+        break_random=[], restore_top=[], size_top=[], size_random=[])
+    # an effect of 0.3 nats, below min_gap on both halves: numbers in nats are kept, no share of them is reported
+    small = SnapshotAttribution(
+        name="step4", step=4, select_clean=0.3, select_baseline=0.0, ig=np.array([0.25, 0.1, 0.0]),
+        atp=np.zeros(3), error_ig=-0.05, size=np.array([0.2, 0.1, 0.0]), metric_clean=0.3, metric_corrupted=0.0,
+        metric_baseline=0.0, ks=[1], break_top=[0.05], break_random=[[0.3, 0.29]], restore_top=[0.2],
+        size_top=[0.2], size_random=[[0.1, 0.1]])
     task = Induction(n_prompts=1, seq_len=2)
-    prompts = SimpleNamespace(clean=torch.zeros(1, 4), examples=[])
-    out = summarise(task, prompts, Site("repo", 1, "resid_post", 1), [nothing, learned], None, cfg)
-    s0, s1 = out["snapshots"]
+    prompts = SimpleNamespace(clean=torch.zeros(4, 4), examples=[])
+    out = summarise(task, prompts, Site("repo", 1, "resid_post", 1), [nothing, small, learned], None, cfg,
+                    (np.array([0, 2]), np.array([1, 3])))
+    s0, s_small, s1 = out["snapshots"]
+    assert out["split"]["selection"] == 2 and out["split"]["test"] == 2
     assert not s0["learned"] and s0["ks"] == [] and s0["break_random_mean"] == []
-    assert s1["learned"] and s1["gap"] == 2.0
+    assert s1["learned"] and s1["gap"] == 2.0 and s1["selection"] == {"metric_clean": 1.5, "metric_baseline": -0.5,
+                                                                     "gap": 2.0, "learned": True}
+    assert s1["feature_share"] == pytest.approx(0.65) and s1["error_share"] == pytest.approx(0.35)
     assert s1["break_top_closed"] == [0.5] and s1["break_random_closed_mean"] == [pytest.approx(0.05)]
+    assert s1["break_random_closed_std"] == [pytest.approx(0.05)]
     assert s1["restore_top_recovered"] == [0.75]
     assert s1["break_random_mean"] == [pytest.approx(1.9)] and s1["break_random_std"] == [pytest.approx(0.1)]
+    assert s1["size_top"] == [0.5] and s1["size_random_mean"] == [pytest.approx(0.5)]
+    assert s1["control_size_ratio"] == [pytest.approx(1.0)]
     assert s1["completeness_error"] == pytest.approx(1.3 + 0.7 - 2.0)
     assert [f["feature"] for f in s1["top_features"]] == [1, 0] and s1["top_features"][0]["share_of_gap"] == 0.6
+    assert not s_small["learned"] and not s_small["selection"]["learned"]
+    assert s_small["break_top"] == [0.05] and s_small["break_random_mean"] == [pytest.approx(0.295)]  # nats: kept
+    for key in ("feature_share", "error_share"):
+        assert s_small[key] is None
+    for key in ("break_top_closed", "break_random_closed_mean", "break_random_closed_std", "restore_top_recovered"):
+        assert s_small[key] == [None]
+    assert all(f["share_of_gap"] is None for f in s_small["top_features"])
     assert out["causal_check"] == {**out["causal_check"], "learned_snapshots": 1, "passed": 1}
+    # the report prints the learned snapshot's shares and none of the small one's
+    page = attribution_html(json.loads(json.dumps(out)), None)
+    row = lambda name: page.split(f"<td>{name}</td>")[1].split("</tr>")[0]  # noqa: E731
+    assert "65%" in row("step8") and "35%" in row("step8") and "#1 (60%)" in row("step8") and "5% ± 5%" in row("step8")
+    assert "%" not in row("step4") and "#0, #1" in row("step4")
+
+
+def test_local_code_moves_only_with_the_snapshots_own_activation(dataset):
+    from analysis.attribution import local_corrupted
+    cc = make_crosscoder("relu", read_manifest(dataset))
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randn(3, 4, 3, 32, generator=g) * 4, torch.randn(3, 4, 3, 32, generator=g) * 4
+    mixed = local_corrupted(clean, corr, 1)
+    assert torch.equal(mixed[:, :, 1], corr[:, :, 1]) and torch.equal(mixed[:, :, [0, 2]], clean[:, :, [0, 2]])
+    # reference: the encoder's pre-activation, sum over snapshots of (a_s scale_s) W_enc[s], by hand
+    x = mixed * cc.scale[:, None]
+    pre = torch.einsum("ntsd,sdf->ntf", x, cc.W_enc) + cc.b_enc
+    torch.testing.assert_close(snapshot_code(cc, mixed, 1), torch.relu(pre), rtol=1e-5, atol=1e-5)
+    # an encoder that reads snapshot 1 alone: the local and the joint corrupted codes agree; the full one: they differ
+    joint, local = snapshot_code(cc, corr, 1), snapshot_code(cc, mixed, 1)
+    assert not torch.allclose(joint, local)
+    with torch.no_grad():
+        cc.W_enc[[0, 2]] = 0
+    torch.testing.assert_close(snapshot_code(cc, corr, 1), snapshot_code(cc, mixed, 1))
