@@ -19,6 +19,7 @@ bench/results/gpu_check.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -162,7 +163,12 @@ def run(cpu_smoke: bool, steps: int, workdir: str | None) -> dict:
     # preset's shape (the smoke: a small one) of bench/scale.py's own setup, against the model
     device = "cpu" if cpu_smoke else "cuda"
     sp_shape = (4, 32, 2048, 256) if cpu_smoke else (S, shape.D, F, shape.batch)
-    torch.cuda.empty_cache() if not cpu_smoke else None
+    # free the fit's crosscoder (77 GB of state at d_sae 98,304), models and buffers before the next one is built
+    del trainer, module, datamodule, timed_run, counted_forward
+    forward = models_run = None  # the bound methods the closures held  # noqa: F841
+    gc.collect()
+    if not cpu_smoke:
+        torch.cuda.empty_cache()
     t = time.perf_counter()
     m = scale.measure_step(*sp_shape, "passed", device)
     timed = scale.measure_step_time(*sp_shape, "passed", device)

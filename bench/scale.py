@@ -109,11 +109,12 @@ def step_transient_bytes(S: int, D: int, F: int, B: int, path: str, autocast: bo
     Common: pre [B,F] fp32 (saved; the bf16 GEMM output beside it while the bias is added) and latents [B,F] fp32
     (an output, alive through the backward); under autocast the encoder GEMM's bf16 copies of W_enc [S*D,F] and
     x [B,S*D], saved for its backward on the dense path.
-    path "dense" (crosscoder/paper_loop.py paper_dense; every [B,S,F] quantity one snapshot at a time), the
-      backward's peak at one snapshot: besides pre, latents and grad_pre (4 each), the gates (open, window: 1 each),
-      the code f, dL/df and the penalty's derivative (4 each), the bf16 GEMM outputs and their fp32 copies and the
-      element-wise chain's temporaries: 42 bytes per [B,F] element measured at three shapes (bench/scale.py
-      validation); plus 2 x S*D*F (W_enc's bf16 copy) and one W_dec[:, s] slice per snapshot GEMM.
+    path "dense" (crosscoder/paper_loop.py paper_dense; every [B,S,F] quantity one snapshot at a time), the larger
+      of the encoder GEMM (as below) and the backward's peak at one snapshot: besides pre, latents and grad_pre and
+      its next value (4 each), the gates (open, window: 1 each), the code f, dL/df and the penalty's derivative
+      (4 each), the bf16 GEMM output and the element-wise chain's temporaries: 49 bytes per [B,F] element measured
+      at the [B,F]-dominated validation shapes; plus the batch's bf16 copy (saved by the encoder GEMM for W_enc's
+      gradient; W_enc's own bf16 copy is not saved, x needing no gradient) and one W_dec[:, s] slice.
     path "listed" (crosscoder/sparse.py, the window's entries listed), the largest of:
       the encoder GEMM: W_enc's bf16 cast [S*D,F] (autocast; not a leaf, not cached) and the bf16 output [B,F];
       the bias add: the output converted to fp32 and the fp32 sum (with the bf16 output: 10 bytes per [B,F]);
@@ -131,8 +132,8 @@ def step_transient_bytes(S: int, D: int, F: int, B: int, path: str, autocast: bo
     bf, sdf = B * F, S * D * F
     gemm = (2 * sdf + 2 * bf) if autocast else 4 * bf
     if path == "dense":
-        fwd = 42 * bf + (2 * sdf + 2 * B * S * D if autocast else 0) + 4 * F * D + 8 * B * S * D
-        return {"peak": fwd, "forward": fwd, "backward": fwd}
+        bwd = 49 * bf + (2 * B * S * D if autocast else 0) + 4 * F * D + 8 * B * S * D
+        return {"peak": max(gemm, bwd), "forward": gemm, "backward": bwd}
     if path not in ("listed", "passed"):
         raise ValueError(f"path: '{path}' is not one of {PATHS}")
     N = entries_per_token_snapshot * B * S

@@ -30,10 +30,10 @@ def test_paper_pythia160m_fits_one_h200_with_no_activation_on_disk(tmp_path):
     for path in ("dense", "passed"):  # the dense path runs from initialisation, the sparse one once the code is sparse
         assert p["paths"][path]["peak_bytes"] <= 141e9 and p["paths"][path]["fits"]
     assert shape.micro_batch == 4096  # the paper's batch in one step, no accumulation
-    # the dense path snapshot by snapshot: 42 bytes per [B, F] element (no [B, S, F] tensor), W_enc's bf16 copy and
-    # the batch's; not the 26 bytes per [B, S, F] element (335 GB) of a dense step that forms them
+    # the dense path snapshot by snapshot: 49 bytes per [B, F] element (no [B, S, F] tensor) and the batch's bf16
+    # copy; not the 26 bytes per [B, S, F] element (335 GB) of a dense step that forms them
     B, S, D, F = 4096, 32, 768, 98304
-    assert p["paths"]["dense"]["step_transient"] == 42 * B * F + 2 * S * D * F + 10 * B * S * D + 4 * F * D
+    assert p["paths"]["dense"]["step_transient"] == 49 * B * F + 10 * B * S * D + 4 * F * D
     # the whole run on the sparse path: the window pass's GEMM and kernels included, with the snapshot forwards
     assert 8 < p["hours"]["passed"] < p["hours"]["passed_eager"] < p["hours"]["dense_eager"]
     assert p["hours"]["passed"] < p["hours"]["dense"] < p["hours"]["dense_eager"]
