@@ -19,6 +19,16 @@ def pythia_steps() -> list[int]:
     return [0] + [2 ** i for i in range(10)] + list(range(1000, 143_001, 1000))
 
 
+PYTHIA_REVISIONS_FILE = Path(__file__).resolve().parents[1] / "conf" / "model" / "_pythia_revisions.yaml"
+
+
+def paper_steps() -> tuple[int, ...]:
+    """The paper's 32 Pythia steps, read from their one home: ``paper_revisions`` in
+    conf/model/_pythia_revisions.yaml (the paper presets use the same list)."""
+    from omegaconf import OmegaConf
+    return tuple(int(str(r).removeprefix("step")) for r in OmegaConf.load(PYTHIA_REVISIONS_FILE).paper_revisions)
+
+
 def log_spaced_revisions(n: int, steps: list[int] | None = None) -> list[str]:
     """n revisions spread evenly in log(step + 1) over the schedule, always with the first and last."""
     steps = steps or pythia_steps()

@@ -34,12 +34,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data.format import DTYPES, DatasetWriter, Manifest, Snapshot, read_manifest, write_atomic
+from data.snapshots import paper_steps
 
 CATEGORIES = ("initial", "emergent", "transient")
 TRUTH_TENSORS, TRUTH_JSON = "truth.safetensors", "truth.json"
 # The paper's 32 Pythia snapshots; S snapshots are picked evenly along this (log-like) schedule.
-PAPER_STEPS = (0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000,
-               10000, 14000, 20000, 27000, 34000, 47000, 60000, 74000, 87000, 100000, 114000, 127000, 143000)
+PAPER_STEPS = paper_steps()
 CHUNK_SAMPLES = 64  # samples generated per vectorised step (part of the seeding: changing it changes data)
 
 

@@ -9,6 +9,7 @@ import torch
 from crosscoder.model import Crosscoder
 from tests.conftest import compose_train
 
+# the paper's 32 steps written out here on purpose: an independent check of conf/model/_pythia_revisions.yaml
 PAPER_STEPS = [0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000,
                14000, 20000, 27000, 34000, 47000, 60000, 74000, 87000, 100000, 114000, 127000, 143000]
 
