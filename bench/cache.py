@@ -1,6 +1,6 @@
 """Caching throughput against the bare forward passes of the same snapshots, and bytes per token on disk.
 
-    python bench/cache.py [--tokens 262144] [--snapshots 4]
+    python -m bench.cache [--tokens 262144] [--snapshots 4]
 
 Saves a GPT-NeoX of the mini-Pythia shape (d_model 128, 4 layers) as several local revisions, caches the
 stdlib corpus through data.cache.ensure_cached (the real path: tokenise, forward to the hook, float16,
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

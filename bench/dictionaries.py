@@ -1,6 +1,6 @@
 """K dictionaries per activation stream against K separate runs: tokens per second for the whole sweep.
 
-    python bench/dictionaries.py [--k 4] [--steps 200] [--d-sae 1024]
+    python -m bench.dictionaries [--k 4] [--steps 200] [--d-sae 1024]
 
 Both sides train the same K dictionaries (different l1_coef) for the same steps on the same shards,
 with the real datamodule and Lightning Trainer; only the sharing of the stream differs.
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

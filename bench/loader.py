@@ -1,6 +1,6 @@
 """Tokens per second the DataModule delivers from float16 shards on disk, against what a step consumes.
 
-    python bench/loader.py [--tokens 2000000] [--workers 1]
+    python -m bench.loader [--tokens 2000000] [--workers 1]
 
 Writes float16 shards (S=8, D=128, the small shape of bench/step.py) to a temporary folder, streams them
 through ActivationDataModule with the shuffle buffer on (the real pipeline: sha256 check, decode, snapshot
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

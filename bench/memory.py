@@ -1,7 +1,7 @@
 """Peak memory (RSS) of training at the large shape against parameters + gradients + Adam state + batch,
 and whether it grows with the number of shards.
 
-    python bench/memory.py [--steps 3]
+    python -m bench.memory [--steps 3]
 
 Each measurement is a fresh process (peak RSS is per process) that trains a relu crosscoder (S=8, D=768,
 F=16384, batch 1024, fp32) for a few steps with the real datamodule and Lightning Trainer, on 2 and then 8
@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 S, D, F, B, T = 8, 768, 16384, 1024, 128
 BUFFER = 16_384  # shuffle-buffer tokens: 16,384 x 8 x 768 x 2 bytes = 201 MB
@@ -68,7 +67,7 @@ def main() -> None:
         for n_shards in (2, 8):
             folder = Path(tmp) / f"shards{n_shards}"
             write_shards(folder, n_shards)
-            out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(args.steps)],
+            out = subprocess.run([sys.executable, "-m", "bench.memory", "--child", str(folder), "--steps", str(args.steps)], cwd=ROOT,
                                  capture_output=True, text=True, check=True)
             peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
             rows.append({"shards": n_shards, "peak_rss_bytes": peak})

@@ -1,8 +1,8 @@
 """Training-step throughput of the crosscoder against this machine's matmul roofline and a plain reference.
 
-    python bench/step.py [--quick]
-    python bench/step.py --crossover [--shape S D F]   # where the sparse relu step stops winning
-    python bench/step.py --paper [--quick] [--threads N]   # the paper activation: sparse path vs dense path
+    python -m bench.step [--quick]
+    python -m bench.step --crossover [--shape S D F]   # where the sparse relu step stops winning
+    python -m bench.step --paper [--quick] [--threads N]   # the paper activation: sparse path vs dense path
 
 For each shape (S, D, F) at batch B it measures, in one run:
 - the dense matmul rate of this machine for the step's own GEMM shapes (fp32 and bf16), the roofline;
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 if "--paper" in sys.argv:
     # Idle OpenMP threads sleep instead of spinning (read before torch starts its thread pool). On this shared
     # machine the default spin made the sparse paper step 1.33 s instead of 0.17 s at 2 threads (dense relu 0.57 vs
@@ -244,9 +243,9 @@ def paper_memory(S: int, D: int, F: int, B: int, variant: str) -> dict:
     import subprocess
     # large blocks straight from mmap and back on free, so that RSS follows what the step holds
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, __file__, "--paper-memory-child", str(S), str(D), str(F), str(B), variant,
+    cmd = [sys.executable, "-m", "bench.step", "--paper-memory-child", str(S), str(D), str(F), str(B), variant,
            str(torch.get_num_threads())]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
