@@ -20,6 +20,7 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from cli import check_types, one_line_errors, quiet_library_noise  # noqa: E402
 from data.format import write_atomic  # noqa: E402
 
 
@@ -42,6 +43,8 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    for key in ("crosscoder", "data"):  # a wrong type names its key before any work
+        check_types(cfg.get(key), key)
     L.seed_everything(cfg.seed, workers=True)
     if "path" in cfg.data:  # cached activations (data=shards); data=live computes them as it trains
         with open_dict(cfg):
@@ -71,7 +74,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    quiet_library_noise()
+    with one_line_errors():
+        metrics = train(cfg)
     # Returned for Hydra sweepers that optimise a value (e.g. Optuna): higher is better.
     return metrics.get("val/explained_variance")
 

@@ -77,13 +77,28 @@ def check_revisions(repo: str, revisions: list[str]) -> None:
                              "(step0, 1, 2, 4, ..., 512, then every 1000 steps to step143000)")
 
 
+class HubUnreachable(OSError):
+    """A snapshot of a hub repo that could not be loaded (no network, no cached copy, or no such revision)."""
+
+
+def _from_hub(load, repo: str, revision: str, **kwargs):
+    try:
+        return load(repo, revision=revision, **kwargs)
+    except OSError as err:  # transformers reports a missing network, cache entry or revision as OSError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HubUnreachable(
+            f"model.repo={repo} revision={revision}: could not be loaded from the Hugging Face hub ({reason}). Run once "
+            "with network access (and HF_HUB_OFFLINE unset) to fill the hub cache, or set model.repo to a local folder "
+            "with one sub-folder per revision (<repo>/stepN/)") from err
+
+
 def load_snapshot(repo: str, revision: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """The causal LM at one revision, in eval mode."""
     from transformers import AutoModelForCausalLM
     if is_local(repo):
         model = AutoModelForCausalLM.from_pretrained(Path(repo).expanduser() / revision, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, dtype=dtype)
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, repo, revision, dtype=dtype)
     return model.to(device).eval()
 
 
@@ -91,7 +106,7 @@ def load_tokenizer(repo: str, revision: str):
     from transformers import AutoTokenizer
     if is_local(repo):
         return AutoTokenizer.from_pretrained(Path(repo).expanduser() / revision)
-    return AutoTokenizer.from_pretrained(repo, revision=revision)
+    return _from_hub(AutoTokenizer.from_pretrained, repo, revision)
 
 
 class _Stop(Exception):

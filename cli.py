@@ -1,0 +1,118 @@
+"""What every command-line entry point (train.py, analyze.py, python -m data.cache) does around its work.
+
+- ``quiet_library_noise()``: drops the library messages a user cannot act on (Lightning's pytree deprecation
+  warning, its litlogger advertisement), so that the first lines of a run are the run's own.
+- ``check_types(cfg.crosscoder, "crosscoder")``: the values of a ``_target_`` config node against the type hints of
+  the constructor it names, at start-up, so that ``crosscoder.d_sae=abc`` names its key instead of failing deep
+  inside torch.
+- ``one_line_errors()``: an error raised by this project's own code (a bad dataset folder, a config value, a
+  snapshot that cannot be loaded) prints as ONE line naming the file, key or value, and the command exits with
+  status 1; the traceback is kept for ``HYDRA_FULL_ERROR=1`` (Hydra's own switch for full tracebacks). Errors
+  raised inside libraries (a bug, or a case the project does not check) keep their traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import sys
+import traceback
+import types
+import typing
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parent
+# the kinds of error the project raises for bad input (data/format.py's FormatError is a ValueError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, OSError, KeyError, FloatingPointError)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_library_noise() -> None:
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropMessages("litlogger"))
+
+
+def _raised_by_project(err: BaseException) -> bool:
+    """Whether the frame that raised ``err`` is this project's code (not a library's)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    where = Path(frames[-1].filename).resolve()
+    return ROOT in where.parents and not any(part in ("site-packages", ".venv", ".venv-ci") for part in where.parts)
+
+
+def one_line(err: BaseException) -> str:
+    message = " ".join(str(err).split()) or type(err).__name__
+    return f"error: {message}"
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _raised_by_project(err):
+            raise
+        print(f"{one_line(err)}   (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a simple type hint (int, float, bool, str, None, unions and lists of them);
+    True for any hint this check does not model (the constructor checks those itself)."""
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return len(args) != 1 or all(_matches(v, args[0]) for v in value)
+    return True
+
+
+def check_types(node, key: str) -> None:
+    """Each value of the config node ``key`` (a DictConfig with ``_target_``) against the type hints of the
+    ``_target_``'s constructor; ValueError naming the first key whose value does not fit."""
+    from omegaconf import OmegaConf
+    if node is None or "_target_" not in node:
+        return
+    module, _, name = str(node._target_).rpartition(".")
+    target = getattr(importlib.import_module(module), name)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - hints that do not resolve are not checked
+        return
+    values = OmegaConf.to_container(node, resolve=True)
+    for k, v in values.items():
+        if k.startswith("_") or k not in hints or isinstance(v, dict):
+            continue
+        if not _matches(v, hints[k]):
+            hint = getattr(hints[k], "__name__", None) or str(hints[k]).replace("typing.", "")
+            raise ValueError(f"{key}.{k}: {v!r} is not a valid value (expected {hint})")

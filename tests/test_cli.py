@@ -1,0 +1,59 @@
+"""The command line as a user meets it: the project's errors as one line naming the file, key or value (exit
+status 1, no traceback unless HYDRA_FULL_ERROR=1), config types checked at start-up, no library noise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_train import FAST
+
+
+def run_train(tmp_path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = {**base, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines
+
+
+def test_a_missing_dataset_folder_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    (line,) = error_lines(run_train(tmp_path, f"data.path={missing}"))
+    assert f"{missing}: no such dataset folder" in line and "HYDRA_FULL_ERROR=1" in line
+    full = run_train(tmp_path, f"data.path={missing}", env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr and "FormatError" in full.stderr
+
+
+@pytest.mark.parametrize("override,key,value", [("crosscoder.d_sae=abc", "crosscoder.d_sae", "'abc'"),
+                                                ("data.batch_size=1.5", "data.batch_size", "1.5")])
+def test_a_config_value_of_the_wrong_type_names_its_key(toy_dataset, tmp_path, override, key, value):
+    (line,) = error_lines(run_train(tmp_path, f"data.path={toy_dataset}", override))
+    assert line.startswith(f"error: {key}: {value} is not a valid value (expected ")
+
+
+def test_an_unreachable_hub_snapshot_names_repo_revision_and_the_way_out(tmp_path):
+    # data=live loads the snapshot models first; offline, the hub cannot be reached and nothing is cached here
+    (line,) = error_lines(run_train(tmp_path, "model=pythia160m", "data=live", "corpus=stdlib",
+                                    f"corpus.cache_dir={tmp_path / 'hf'}", env={"HF_HOME": str(tmp_path / "hf_home")}))
+    assert "model.repo=EleutherAI/pythia-160m revision=step0" in line
+    assert "set model.repo to a local folder" in line
+
+
+def test_a_short_run_prints_no_library_noise(toy_dataset, tmp_path):
+    proc = run_train(tmp_path, f"data.path={toy_dataset}", *FAST, "trainer.max_steps=2", "logger=none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "litlogger" not in out and "LeafSpec" not in out
+    assert "run folder:" in out  # the run's own lines are still there
