@@ -5,6 +5,8 @@
 - ``check_types(cfg.crosscoder, "crosscoder")``: the values of a ``_target_`` config node against the type hints of
   the constructor it names, at start-up, so that ``crosscoder.d_sae=abc`` names its key instead of failing deep
   inside torch.
+- ``run_summary()``: the lines a run ends with: what it reached (explained variance and L0 per snapshot, dead
+  fraction), how long each stage took, where its files are and the next command.
 - ``one_line_errors()``: an error raised by this project's own code (a bad dataset folder, a config value, a
   snapshot that cannot be loaded) prints as ONE line naming the file, key or value, and the command exits with
   status 1; the traceback is kept for ``HYDRA_FULL_ERROR=1`` (Hydra's own switch for full tracebacks). Errors
@@ -116,3 +118,19 @@ def check_types(node, key: str) -> None:
         if not _matches(v, hints[k]):
             hint = getattr(hints[k], "__name__", None) or str(hints[k]).replace("typing.", "")
             raise ValueError(f"{key}.{k}: {v!r} is not a valid value (expected {hint})")
+
+
+def run_summary(metrics: dict[str, float], snapshot_names: list[str], stages: dict[str, float], run_dir: Path) -> str:
+    """The end-of-run summary (``metrics``: the trainer's final callback metrics, plain floats)."""
+    lines = ["", "Run finished."]
+    ev, l0, dead = (metrics.get(f"val/{k}") for k in ("explained_variance", "l0", "dead_fraction"))
+    if ev is not None:
+        lines.append(f"  validation: explained variance {ev:.4f}, L0 {l0:.1f}, dead latents {100 * dead:.1f}%"
+                     if l0 is not None and dead is not None else f"  validation: explained variance {ev:.4f}")
+        per = [(n, metrics.get(f"val/explained_variance/{n}")) for n in snapshot_names]
+        if all(v is not None for _, v in per):
+            lines.append("  explained variance per snapshot: " + ", ".join(f"{n} {v:.3f}" for n, v in per))
+    lines.append("  wall time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items()))
+    lines += [f"  run folder:  {run_dir}", f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}",
+              f"  next:        python analyze.py run={run_dir}"]
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ This file only composes: everything it builds comes from conf/ through ``_target
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -20,7 +21,7 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from cli import check_types, one_line_errors, quiet_library_noise  # noqa: E402
+from cli import check_types, one_line_errors, quiet_library_noise, run_summary  # noqa: E402
 from data.format import write_atomic  # noqa: E402
 
 
@@ -46,14 +47,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for key in ("crosscoder", "data"):  # a wrong type names its key before any work
         check_types(cfg.get(key), key)
     L.seed_everything(cfg.seed, workers=True)
+    clock = time.perf_counter()
+    stages = {}
     if "path" in cfg.data:  # cached activations (data=shards); data=live computes them as it trains
+        built = cfg.data.path is None  # the cache of model on corpus (built, or found, here)
         with open_dict(cfg):
             cfg.data.path = dataset_path(cfg)
+        if built:
+            stages["suite and activation cache"] = time.perf_counter() - clock
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    stages["data setup"] = time.perf_counter() - clock - sum(stages.values())
     if getattr(datamodule, "repo", None) and "model" in cfg and not cfg.model.get("repo"):
         with open_dict(cfg):  # a live run records the suite it built, for analysis (as a cache's manifest does)
             cfg.model.repo = datamodule.repo
@@ -67,9 +74,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
     if module.last_validated_step != trainer.global_step:  # metrics.json must describe the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)
+    stages["training"] = time.perf_counter() - clock - sum(stages.values())
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        print(f"run folder:  {run_dir}\ntensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        print(run_summary(metrics, list(datamodule.snapshot_names), stages, run_dir))
+    return metrics
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -118,6 +118,9 @@ class SaveSchedule(L.Callback):
         out = self.folder / f"step{step}"
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+        # one line per checkpoint: the build's progress in any log, terminal or not
+        print(f"  suite: checkpoint step{step} saved ({len(self.curve['val_step'])}/{len(self.steps)}), "
+              f"validation loss {self.curve['val_loss'][-1]:.3f}", flush=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if 0 in self.steps:
@@ -187,6 +190,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
         shutil.rmtree(partial, ignore_errors=True)  # an interrupted build restarts: it takes minutes
         partial.mkdir(parents=True)
         start = time.time()
+        print(f"Building the mini-Pythia suite (first run only; ~4 min on 2 CPU cores): {n_layers} layers, d_model "
+              f"{d_model}, {max_steps} training steps, checkpoints on Pythia's schedule -> {folder}", flush=True)
         L.seed_everything(seed, workers=True)
         hf_cache = str(Path(cache_dir) / "hf_datasets")
         train_corpus = TextCorpus("stdlib", split="train", seed=corpus_seed, max_docs=max_docs, cache_dir=hf_cache)
@@ -221,6 +226,8 @@ def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int 
                    "val_loss": dict(zip((f"step{s}" for s in saver.curve["val_step"]), saver.curve["val_loss"]))}
         write_atomic(partial / SUITE_FILE, json.dumps(summary, indent=1))
         os.replace(partial, folder)
+        print(f"Suite built in {summary['build_seconds']:.0f} s: {len(steps)} checkpoints, validation loss "
+              f"{saver.curve['val_loss'][0]:.2f} (step0) -> {saver.curve['val_loss'][-1]:.2f} (step{steps[-1]})", flush=True)
         return folder
 
 

@@ -51,9 +51,15 @@ def test_an_unreachable_hub_snapshot_names_repo_revision_and_the_way_out(tmp_pat
     assert "set model.repo to a local folder" in line
 
 
-def test_a_short_run_prints_no_library_noise(toy_dataset, tmp_path):
+def test_a_short_run_ends_with_its_summary_and_prints_no_library_noise(toy_dataset, tmp_path):
     proc = run_train(tmp_path, f"data.path={toy_dataset}", *FAST, "trainer.max_steps=2", "logger=none")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "litlogger" not in out and "LeafSpec" not in out
-    assert "run folder:" in out  # the run's own lines are still there
+    summary = proc.stdout[proc.stdout.index("Run finished."):]
+    assert "validation: explained variance" in summary and "dead latents" in summary
+    # the toy dataset's three snapshots, each with its explained variance
+    per = next(line for line in summary.splitlines() if "explained variance per snapshot:" in line)
+    assert per.count(" 0.") + per.count(" -") + per.count(" 1.") == 3, per
+    assert "wall time: data setup" in summary and ", training " in summary  # data.path given: no cache stage
+    assert f"python analyze.py run={tmp_path / 'run'}" in summary
