@@ -31,19 +31,50 @@ class RunExport(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.time()
+        self._fit_ended, self._hparams_step = False, None
 
     def dictionary_dirs(self, pl_module) -> list[Path]:
         return [self.run_dir / name if name else self.run_dir for name in pl_module.dictionary_names]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_ended = True
         if trainer.is_global_zero:
             self.export(trainer, pl_module)
+            if pl_module.last_validated_step == trainer.global_step:  # else train.py validates the final weights
+                self.log_hparams(trainer, pl_module)
+
+    HPARAM_METRICS = ("val/explained_variance", "val/l0", "val/dead_fraction", "val/mse")
+
+    def log_hparams(self, trainer: L.Trainer, pl_module) -> None:
+        """Each dictionary's hyperparameters with its final validation metrics, once, in TensorBoard's HParams
+        view (plugin data beside the scalars), so that a -m sweep over d_sae and l1_coef compares there."""
+        if self._hparams_step == trainer.global_step or not trainer.loggers:
+            return
+        self._hparams_step = trainer.global_step
+        from torch.utils.tensorboard.summary import hparams
+        hp = pl_module.hparams
+        common = {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool)) and k not in ("d_sae", "l1_coef")}
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        if batch_size:
+            common["batch_size"] = int(batch_size)
+        for i, (name, folder) in enumerate(zip(pl_module.dictionary_names, self.dictionary_dirs(pl_module))):
+            params = {**common, "d_sae": pl_module.d_saes[i], "l1_coef": pl_module.l1_coefs[i]}
+            final = self.metrics_of(trainer, name)
+            metrics = {f"hparams/{k}": final[k] for k in self.HPARAM_METRICS if k in final}
+            writer = self._writers.get(name) or self._writers.setdefault(
+                name, SummaryWriter(str(folder / "tensorboard")))
+            for summary in hparams(params, metrics):
+                writer.file_writer.add_summary(summary)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, trainer.global_step)
+            writer.flush()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
             self.log_dictionaries(trainer, pl_module)
-            if trainer.global_step >= trainer.max_steps:
+            if trainer.global_step >= trainer.max_steps or self._fit_ended:  # the final weights' validation
                 self.export(trainer, pl_module)
+                self.log_hparams(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.is_global_zero and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
@@ -83,7 +114,8 @@ class RunExport(L.Callback):
             metrics = {k: v for k, v in self.metrics_of(trainer, name).items() if k.startswith("val/")}
             metrics.update(d_sae=cc.d_sae, l1_coef=pl_module.l1_coefs[i], activation=hp.activation,
                            snapshots=list(cc.snapshot_names), steps=trainer.global_step,
-                           tokens=trainer.global_step * batch_size * trainer.world_size if batch_size else None,
+                           tokens=(trainer.global_step * batch_size * trainer.world_size * trainer.accumulate_grad_batches
+                                   if batch_size else None),
                            skipped_shards=int(skipped.value) if skipped is not None else 0,
                            seconds=round(time.time() - self._start, 1))
             write_atomic(folder / "metrics.json", json.dumps(metrics, indent=1))

@@ -58,6 +58,26 @@ def test_train_writes_run_folder_and_tensorboard(toy_dataset, tmp_path, activati
     assert scalars["val/explained_variance"][-1][1] == pytest.approx(final["val/explained_variance"], rel=1e-6)
     assert "decoder_norm/step0" in histograms
     assert 0 <= scalars["perf/data_wait_fraction"][-1][1] < 1 and scalars["perf/tokens_per_s"][-1][1] > 0
+    # TensorBoard's HParams view: the run's hyperparameters with its final validation metrics, logged once
+    params, hp_metrics = read_hparams(run / "tensorboard")
+    assert params["d_sae"] == 32 and params["activation"] == activation and params["l1_coef"] == cfg.crosscoder.l1_coef
+    assert hp_metrics == ["hparams/val/dead_fraction", "hparams/val/explained_variance", "hparams/val/l0",
+                          "hparams/val/mse"]
+    assert scalars["hparams/val/explained_variance"] == [(30, pytest.approx(final["val/explained_variance"]))]
+
+
+def read_hparams(event_dir) -> tuple[dict, list[str]]:
+    """The HParams plugin's session: hyperparameters and the metric tags it lists."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    params = {k: (v.number_value if v.HasField("number_value") else v.string_value if v.HasField("string_value")
+                  else v.bool_value) for k, v in start.hparams.items()}
+    return params, sorted(m.name.tag for m in experiment.metric_infos)
     assert scalars["train/loss"][-1][1] < scalars["train/loss"][0][1]  # it learns
 
 
