@@ -71,8 +71,10 @@ def test_sparse_jumprelu_equals_dense_with_threshold_window_entries(B, S, D, F):
     x[5] = 0
     x[6] = 0.01 * x[6]
     od, of = run_both(dense, fast, x)
-    pre, t = od.pre_acts.detach(), dense.log_threshold.exp().detach()
-    closed_in_window = (pre <= t) & ((pre - t).abs() < 0.15)
+    # the gate reads the contribution g = pre * sum_s ||W_dec[i, s]||
+    g = od.pre_acts.detach() * dense.decoder_norms().sum(-1).detach()
+    t = dense.log_threshold.exp().detach()
+    closed_in_window = (g <= t) & ((g - t).abs() < 0.15)
     assert closed_in_window.sum() > 10 and (od.latents[5] == 0).all()  # the cases that matter are there
     assert dense.log_threshold.grad.abs().sum() > 0
     # the closed window entries are in the sparse set, with value 0
