@@ -1,8 +1,14 @@
 """crosscoder=jumprelu on planted-feature data (data/synthetic.py): L0, explained variance and how much the
 thresholds learn, for a grid of straight-through bandwidths and sparsity coefficients, against relu at a similar L0.
 
-    python bench/jumprelu.py                       # the grid of docs/PERFORMANCE.md (section "JumpReLU")
-    python bench/jumprelu.py --steps 300 --quick   # a smoke test
+    python bench/jumprelu.py --steps 600 --relu-l1 1 2                 # windows at the preset's threshold lr, relu
+    python bench/jumprelu.py --steps 600 --bandwidths 0.001 --threshold-lr-factor 1 --relu-l1   # the old 1x lr
+    python bench/jumprelu.py --steps 600 --bandwidths 0.1 --threshold-lr-factor 30 --relu-l1
+    python bench/jumprelu.py --steps 1500 --grid l1 --relu-l1 1      # the preset to convergence, against relu
+    python bench/jumprelu.py --steps 300 --quick                       # a smoke test
+
+(docs/PERFORMANCE.md section 7; bench/results/jumprelu_grid.json merges the first three, jumprelu_l1.json is the
+last.)
 
 The training loop is CrosscoderModule's math without Lightning (Adam, lr warm-up 1%, linear decay over the last
 20%, l1_coef warmed up over the first 5%, thresholds at threshold_lr_factor x lr), on batches drawn from the
@@ -117,13 +123,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two runs only")
     parser.add_argument("--grid", default="bandwidth",
                         help="bandwidth: bandwidths at one l1_coef; l1: l1_coefs at the default bandwidth; both")
-    parser.add_argument("--bandwidths", type=float, nargs="*", default=[0.001, 0.01, 0.1, 0.3, 1.0])
-    parser.add_argument("--l1", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--bandwidths", type=float, nargs="*", default=[0.001, 0.01, 0.1, 1.0])
+    parser.add_argument("--l1", type=float, nargs="*", default=[1.0, 2.0])
     parser.add_argument("--relu-l1", type=float, nargs="*", default=[1.0, 2.0])
     parser.add_argument("--bandwidth", type=float, default=0.1, help="for --grid l1")
     parser.add_argument("--l1-coef", type=float, default=1.0, help="for --grid bandwidth")
     parser.add_argument("--init-threshold", type=float, default=0.1)
-    parser.add_argument("--threshold-lr-factor", type=float, default=1.0)
+    parser.add_argument("--threshold-lr-factor", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: faster than 2 at this size on a shared machine)")
     parser.add_argument("--out", default=None, help="results file name under bench/results/")
     args = parser.parse_args()
