@@ -3,6 +3,7 @@
     python bench/step.py [--quick]
     python bench/step.py --crossover [--shape S D F]   # where the sparse relu step stops winning
     python bench/step.py --paper [--quick] [--threads N]   # the paper activation: sparse path vs dense path
+    python bench/step.py --activations relu jumprelu   # only these rows (with the reference): step_relu_jumprelu.json
 
 For each shape (S, D, F) at batch B it measures, in one run:
 - the dense matmul rate of this machine for the step's own GEMM shapes (fp32 and bf16), the roofline;
@@ -12,7 +13,8 @@ For each shape (S, D, F) at batch B it measures, in one run:
 - the sparse paths (crosscoder/sparse.py) against the dense path they replace, side by side: TopK k=32 against
   the same step forced dense; relu / jumprelu with b_enc shifted so that L0 = 48 latents are open per token (a
   trained dictionary's L0) against the relu / jumprelu rows above, which take the dense path (at init about
-  half of the latents are open; the dense step costs the same at any L0).
+  half of the latents are open; the dense step costs the same at any L0). jumprelu takes the window and initial
+  threshold of conf/crosscoder/jumprelu.yaml; its sparse step also carries the closed entries inside the window.
 With --paper: crosscoder=paper with ~40 latents open per token and snapshot (thresholds set from the measured
 pre-activations), its sparse step against its dense step (time and peak transient memory, each measured in a fresh
 process) and against the dense relu step; see paper_bench.
