@@ -3,6 +3,7 @@
     python -m bench.step [--quick]
     python -m bench.step --crossover [--shape S D F]   # where the sparse relu step stops winning
     python -m bench.step --paper [--quick] [--threads N]   # the paper activation: sparse path vs dense path
+    python -m bench.step --activations relu jumprelu   # only these rows (with the reference): step_relu_jumprelu.json
 
 For each shape (S, D, F) at batch B it measures, in one run:
 - the dense matmul rate of this machine for the step's own GEMM shapes (fp32 and bf16), the roofline;
@@ -12,7 +13,8 @@ For each shape (S, D, F) at batch B it measures, in one run:
 - the sparse paths (crosscoder/sparse.py) against the dense path they replace, side by side: TopK k=32 against
   the same step forced dense; relu / jumprelu with b_enc shifted so that L0 = 48 latents are open per token (a
   trained dictionary's L0) against the relu / jumprelu rows above, which take the dense path (at init about
-  half of the latents are open; the dense step costs the same at any L0).
+  half of the latents are open; the dense step costs the same at any L0). jumprelu takes the window and initial
+  threshold of conf/crosscoder/jumprelu.yaml; its sparse step also carries the closed entries inside the window.
 With --paper: crosscoder=paper with ~40 latents open per token and snapshot (thresholds set from the measured
 pre-activations), its sparse step against its dense step (time and peak transient memory, each measured in a fresh
 process) and against the dense relu step; see paper_bench.
@@ -79,17 +81,28 @@ def reference_step(S: int, D: int, F: int, B: int):
     return step
 
 
+def jumprelu_preset() -> dict:
+    """The straight-through window and initial threshold of conf/crosscoder/jumprelu.yaml (the window sets how
+    many closed entries the sparse path carries)."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(ROOT / "conf" / "crosscoder" / "jumprelu.yaml")
+    return dict(jumprelu_init_threshold=float(cfg.jumprelu_init_threshold), jumprelu_bandwidth=float(cfg.jumprelu_bandwidth))
+
+
 def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse: bool | None = None,
              l0: int | None = None):
     """One training step of Crosscoder; ``sparse`` as the model's switch; ``l0``: shift b_enc so that about
     this many latents are open per token (relu / jumprelu; at init about half of them are)."""
-    model = Crosscoder(S, D, F, activation=activation, k=32, sparse=sparse)
+    model = Crosscoder(S, D, F, activation=activation, k=32, sparse=sparse,
+                       **(jumprelu_preset() if activation == "jumprelu" else {}))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as CrosscoderModule configures it
     x = torch.randn(B, S, D)
     if l0 is not None:
         with torch.no_grad():  # the (1 - l0 / F) quantile of the pre-activations, from 64 tokens
             pre = model.encode_pre(x[:64]).flatten()
             model.b_enc.fill_(-pre.kthvalue(int(len(pre) * (1 - l0 / F))).values.item())
+            if activation == "jumprelu":  # its gate is pre * sum_s ||W_dec[i, s]|| > t: open the same l0 latents
+                model.b_enc.add_(model.log_threshold.exp() / model.decoder_norms().sum(-1))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -326,6 +339,8 @@ def main() -> None:
     parser.add_argument("--crossover", action="store_true", help="sparse vs dense relu step at several L0")
     parser.add_argument("--shape", type=int, nargs=3, default=(8, 768, 16384), metavar=("S", "D", "F"))
     parser.add_argument("--paper", action="store_true", help="crosscoder=paper: sparse vs dense step, time and memory")
+    parser.add_argument("--activations", nargs="+", choices=("relu", "jumprelu", "topk"), default=None,
+                        help="only these rows (and the reference); no EV check; writes step_<activations>.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2; --paper only)")
     parser.add_argument("--paper-memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -351,14 +366,16 @@ def main() -> None:
         rows.append(dict(shape=f"S={S} D={D} F={F}", variant="reference einsum relu", precision="float32",
                          tokens_per_s=B / ref, gflops=flops / ref / 1e9, roofline_frac=flops / ref / 1e9 / roof["float32"],
                          speedup_vs_reference=1.0))
-        for activation in ("relu", "jumprelu", "topk"):
+        activations = args.activations or ("relu", "jumprelu", "topk")
+        for activation in activations:
             for precision in ("float32", "bfloat16"):
                 t = timed(our_step(S, D, F, B, activation, precision == "bfloat16"), repeats)
                 rows.append(dict(shape=f"S={S} D={D} F={F}", variant=activation, precision=precision,
                                  tokens_per_s=B / t, gflops=flops / t / 1e9,
                                  roofline_frac=flops / t / 1e9 / roof["float32"], speedup_vs_reference=ref / t))
-        sparse_rows = [("topk, dense path", "topk", False, None)]  # the TopK row above took the sparse path
-        sparse_rows += [(f"{a} L0={L0}, sparse", a, None, L0) for a in ("relu", "jumprelu")]
+        # the TopK row above took the sparse path
+        sparse_rows = [("topk, dense path", "topk", False, None)] if "topk" in activations else []
+        sparse_rows += [(f"{a} L0={L0}, sparse", a, None, L0) for a in ("relu", "jumprelu") if a in activations]
         for variant, activation, sparse, l0 in sparse_rows:
             t = timed(our_step(S, D, F, B, activation, False, sparse=sparse, l0=l0), repeats)
             rows.append(dict(shape=f"S={S} D={D} F={F}", variant=variant, precision="float32", tokens_per_s=B / t,
@@ -367,7 +384,7 @@ def main() -> None:
         for r in rows:
             r.setdefault("roofline_gflops_fp32", roof["float32"])
             r.setdefault("roofline_gflops_bf16", roof["bfloat16"])
-    ev32, ev16 = ev_after_training(False), ev_after_training(True)
+    ev32, ev16 = (ev_after_training(False), ev_after_training(True)) if not args.activations else (None, None)
     print(f"{'shape':22}{'variant':28}{'precision':10}{'tok/s':>10}{'GFLOP/s':>9}{'of fp32 roof':>13}{'vs ref':>8}")
     for r in rows:
         print(f"{r['shape']:22}{r['variant']:28}{r['precision']:10}{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}"
@@ -379,11 +396,15 @@ def main() -> None:
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for sparse_variant, dense_variant in [("topk", "topk, dense path"), (f"relu L0={L0}, sparse", "relu"),
                                               (f"jumprelu L0={L0}, sparse", "jumprelu")]:
+            if (shape, sparse_variant) not in fp32:
+                continue
             fast, slow = fp32[shape, sparse_variant], fp32[shape, dense_variant]
             fast["sparse_speedup"] = fast["tokens_per_s"] / slow["tokens_per_s"]
             print(f"sparse vs dense path, {shape}, {sparse_variant}: {fast['sparse_speedup']:.2f}x")
-    print(f"explained variance after 150 steps: float32 {ev32:.4f}, bfloat16 autocast {ev16:.4f} (diff {ev16 - ev32:+.4f})")
-    out = ROOT / "bench" / "results" / ("step_quick.json" if args.quick else "step.json")
+    if ev32 is not None:
+        print(f"explained variance after 150 steps: float32 {ev32:.4f}, bfloat16 autocast {ev16:.4f} (diff {ev16 - ev32:+.4f})")
+    name = "step_" + "_".join(args.activations) if args.activations else "step"
+    out = ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"batch": B, "flops_per_step": "10*B*S*D*F", "threads": torch.get_num_threads(), "sparse_l0": L0,
                                "rows": rows, "ev_float32": ev32, "ev_bfloat16": ev16}, indent=1))

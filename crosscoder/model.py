@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -78,28 +79,57 @@ class _JumpStep(torch.autograd.Function):
 
 
 class _JumpReLU(torch.autograd.Function):
-    """x * H(x - t): exact gradient w.r.t. x where open, straight-through estimate w.r.t. t."""
+    """crosscoder=jumprelu: pre * H(pre * n - t), with n = sum_s ||W_dec[i, s]|| (passed without gradient) and t the
+    threshold in the units of the latent's contribution to the reconstruction.
+
+    Gating on pre * n rather than on pre makes the code invariant to rescaling a latent (W_enc, b_enc times c,
+    W_dec divided by c): the gate, the value's contribution and the L0 penalty are all unchanged.
+    Gradient: exact w.r.t. pre where open (the gate passes none to pre or n); straight-through w.r.t. t
+    (Rajamanoharan et al. 2024): d/dt ~ -pre / eps * 1{|pre * n - t| < eps / 2}, pre being the size of the jump
+    there (~ t / n)."""
 
     @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
+    def forward(ctx, pre, norm_sum, threshold, bandwidth):
+        g = pre * norm_sum
+        open_ = g > threshold
+        window = (g - threshold).abs() < bandwidth / 2
+        ctx.save_for_backward(pre, open_, window)
         ctx.bandwidth = bandwidth
-        return x * (x > threshold).to(x.dtype)
+        return pre * open_.to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        open_ = (x > threshold).to(grad.dtype)
-        window = ((x - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_t = (-grad * threshold / eps * window).reshape(-1, threshold.shape[-1]).sum(0)
-        return grad * open_, grad_t, None
+        pre, open_, window = ctx.saved_tensors
+        grad_t = (-grad * pre * window.to(grad.dtype) / ctx.bandwidth).reshape(-1, pre.shape[-1]).sum(0)
+        return grad * open_.to(grad.dtype), None, grad_t, None
+
+
+def jumprelu_threshold_from_v1(log_threshold: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """A version-1 jumprelu log threshold (gate pre > t) as version 2 (gate pre * n > t * n, n = sum_s ||W_dec[i, s]||):
+    the same gates wherever n > 0 (a latent with a zero decoder contributes nothing either way)."""
+    n = W_dec.float().norm(dim=-1).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    return (log_threshold.float() + n.log()).to(log_threshold.dtype)
 
 
 class Crosscoder(nn.Module):
     """W_enc [S, D, F], b_enc [F], W_dec [F, S, D], b_dec [S, D]; ``scale`` [S] is the per-snapshot
     normalisation factor applied to raw activations before encoding (kept with the weights so decoder
     norms stay comparable across snapshots and raw activations can be reconstructed)."""
+
+    # The state-dict version (nn.Module's own marker, kept in every state_dict, so in Lightning checkpoints; and in
+    # crosscoder.safetensors' metadata). 2: the jumprelu threshold is in the units of the latent's contribution,
+    # pre * sum_s ||W_dec[i, s]||; in version 1 it was compared with pre itself. Loading a version-1 jumprelu state
+    # converts it (t * sum_s ||W_dec[i, s]||), which opens exactly the same gates.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key, dec = prefix + "log_threshold", prefix + "W_dec"
+        if (self.activation == "jumprelu" and local_metadata.get("version") == 1 and key in state_dict
+                and dec in state_dict):
+            state_dict[key] = jumprelu_threshold_from_v1(state_dict[key], state_dict[dec])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def __init__(self, n_snapshots: int, d_model: int, d_sae: int, activation: str = "relu",
                  k: int = 32, dec_init_norm: float = 0.1, jumprelu_init_threshold: float = 0.001,
@@ -159,8 +189,9 @@ class Crosscoder(nn.Module):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu":
             return torch.relu(pre)
-        if self.activation == "jumprelu":
-            return _JumpReLU.apply(pre, self.log_threshold.exp(), self.jumprelu_bandwidth)
+        if self.activation == "jumprelu":  # gated on the contribution pre * sum_s ||W_dec[i, s]|| (see _JumpReLU)
+            return _JumpReLU.apply(pre, self.decoder_norms().sum(-1).detach(), self.log_threshold.exp(),
+                                   self.jumprelu_bandwidth)
         # TopK variants rank by the latent's contribution to the reconstruction, f_i * sum_s ||W_dec[i,s]||,
         # so a latent with a tiny decoder cannot win a slot by a large activation alone.
         post = torch.relu(pre)
@@ -201,12 +232,14 @@ class Crosscoder(nn.Module):
         pre = self.encode_pre(x)
         if self.activation in ("relu", "jumprelu") and self.sparse is not False:
             # The pre-activations are dense either way; this batch's own density decides the rest of the step.
-            threshold = self.log_threshold.exp() if self.activation == "jumprelu" else None
+            threshold = norm_sum = None
+            if self.activation == "jumprelu":  # the gate's input is pre * norm_sum, as in _JumpReLU
+                threshold, norm_sum = self.log_threshold.exp(), self.decoder_norms().sum(-1).detach()
             with torch.no_grad():
-                keep = sparse.keep_mask(pre, threshold, self.jumprelu_bandwidth)
+                keep = sparse.keep_mask(pre, threshold, self.jumprelu_bandwidth, norm_sum)
             if self.use_sparse(keep.sum().item() / B):
                 active, recon = sparse.threshold_forward(x, pre, keep, self.W_enc, self.b_enc, self.W_dec,
-                                                         self.b_dec, threshold, self.jumprelu_bandwidth)
+                                                         self.b_dec, threshold, self.jumprelu_bandwidth, norm_sum)
                 return CrosscoderOutput(latents=active.dense(B, self.d_sae), recon=recon, pre_acts=pre.detach(),
                                         active=active)
         latents = self.activate(pre)
@@ -265,17 +298,18 @@ class Crosscoder(nn.Module):
         if out.active is not None:  # the sparse paths: the same sums over the active entries only
             a, B = out.active, x.shape[0]
             if self.activation == "jumprelu":  # the gates of those entries; the rest are closed, outside the window
-                weight = _step_ste(out.pre_acts[a.rows, a.cols], self.log_threshold.exp()[a.cols], self.jumprelu_bandwidth)
+                g = out.pre_acts[a.rows, a.cols] * dec_norm_sum.detach()[a.cols]
+                sparsity = _step_ste(g, self.log_threshold.exp()[a.cols], self.jumprelu_bandwidth).sum() / B
             else:
-                weight = a.values
-            return LossTerms(mse=mse, sparsity=(weight * dec_norm_sum[a.cols]).sum() / B,
-                             l0=(a.values > 0).sum().to(x.dtype) / B)
+                sparsity = (a.values * dec_norm_sum[a.cols]).sum() / B
+            return LossTerms(mse=mse, sparsity=sparsity, l0=(a.values > 0).sum().to(x.dtype) / B)
         active = (out.latents > 0).to(x.dtype)
         if self.activation == "jumprelu":
-            # L0-style penalty: the number of open gates, each weighted by the latent's decoder norm sum;
-            # the step's straight-through gradient is what trains the thresholds.
-            gates = _step_ste(out.pre_acts, self.log_threshold.exp(), self.jumprelu_bandwidth)
-            sparsity = (gates * dec_norm_sum).sum(-1).mean()
+            # L0 penalty: the number of open gates H(pre * sum_s ||W_dec[i, s]|| - t). It is a count, so rescaling a
+            # latent (W_enc, b_enc x c, W_dec / c) cannot lower it; the step's straight-through gradient is what
+            # trains the thresholds (and the only gradient this term gives).
+            gates = _step_ste(out.pre_acts * dec_norm_sum.detach(), self.log_threshold.exp(), self.jumprelu_bandwidth)
+            sparsity = gates.sum(-1).mean()
         else:
             sparsity = (out.latents * dec_norm_sum).sum(-1).mean()
         return LossTerms(mse=mse, sparsity=sparsity, l0=active.sum(-1).mean())
@@ -293,7 +327,7 @@ class Crosscoder(nn.Module):
         path = Path(run_dir) / WEIGHTS_NAME
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config())})
+        save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config()), "version": str(self._version)})
         os.replace(tmp, path)
         return path
 
@@ -307,8 +341,10 @@ class Crosscoder(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no crosscoder weights here (expected {WEIGHTS_NAME} in the run directory)")
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            config = json.loads(f.metadata()["config"])
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+            config = json.loads(metadata["config"])
+            state = OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+        state._metadata = {"": {"version": int(metadata.get("version", 1))}}  # files before version 2 had none
         model = cls(**config).to(device)
         model.load_state_dict(state)
         return model

@@ -8,8 +8,8 @@ product with N non-zeros. Results equal the dense path within float32 rounding (
 ``Crosscoder`` switches to them by itself where they win (``sparse_wins``, measured with bench/step.py).
 
 TopK has k entries per token. relu and JumpReLU have a variable number per token (an ``embedding_bag`` with
-offsets); a token may have none. For JumpReLU the entries also include those inside the threshold's
-straight-through window that are closed (value 0): the dense path gives them a threshold gradient, so
+offsets); a token may have none. For JumpReLU (gated on pre * sum_s ||W_dec[i, s]||) the entries also include
+those inside the threshold's straight-through window that are closed (value 0): the dense path gives them a threshold gradient, so
 they stay in the set and their gradient w.r.t. the (zero) value is what that gradient needs.
 
 The paper activation (one JumpReLU gate per snapshot) has (token, snapshot, latent) entries: open, or closed inside
@@ -105,32 +105,38 @@ class _TopKEncode(torch.autograd.Function):
 
 
 class _ThresholdEncode(torch.autograd.Function):
-    """The entries of relu(pre) (``threshold`` None) or JumpReLU's pre * H(pre - t) selected by ``keep``, with
-    the dense path's backward restricted to them. pre [B, F] comes in computed (without gradient)."""
+    """The entries of relu(pre) (``threshold`` None) or JumpReLU's pre * H(pre * n - t) (n = ``norm_sum``, the
+    decoder-norm sums, without gradient) selected by ``keep``, with the dense path's backward restricted to them.
+    pre [B, F] comes in computed (without gradient)."""
 
     @staticmethod
-    def forward(ctx, x_flat, W_enc_flat, b_enc, threshold, pre, keep, bandwidth):
+    def forward(ctx, x_flat, W_enc_flat, b_enc, threshold, pre, keep, bandwidth, norm_sum):
         rows, cols = keep.nonzero(as_tuple=True)
         p = pre[rows, cols]
-        values = p if threshold is None else p * (p > threshold[cols]).to(p.dtype)
-        ctx.save_for_backward(x_flat, rows, cols, p, threshold)
+        open_ = window = None
+        if threshold is None:
+            values = p
+        else:  # the gate as _JumpReLU.forward in model.py computes it, entry by entry
+            g, t = p * norm_sum[cols], threshold[cols]
+            open_, window = g > t, (g - t).abs() < bandwidth / 2
+            values = p * open_.to(p.dtype)
+        ctx.save_for_backward(x_flat, rows, cols, p, threshold, open_, window)
         ctx.n_latents, ctx.bandwidth = pre.shape[1], bandwidth
         ctx.mark_non_differentiable(rows, cols)
         return values, rows, cols
 
     @staticmethod
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
-        x_flat, rows, cols, p, threshold = ctx.saved_tensors
+        x_flat, rows, cols, p, threshold, open_, window = ctx.saved_tensors
         grad_t = None
         if threshold is None:  # relu: every kept entry is open
             g = grad_values
         else:  # as _JumpReLU.backward in model.py, entry by entry
-            t, eps = threshold[cols], ctx.bandwidth
-            g = grad_values * (p > t).to(grad_values.dtype)
-            window = ((p - t).abs() < eps / 2).to(grad_values.dtype)
-            grad_t = torch.zeros_like(threshold).index_add_(0, cols, (-grad_values * t / eps * window).to(threshold.dtype))
+            g = grad_values * open_.to(grad_values.dtype)
+            grad_t = torch.zeros_like(threshold).index_add_(
+                0, cols, (-grad_values * p * window.to(grad_values.dtype) / ctx.bandwidth).to(threshold.dtype))
         grad_W, grad_b = _encoder_grads(x_flat, rows, cols, g, ctx.n_latents)
-        return None, grad_W, grad_b, grad_t, None, None, None
+        return None, grad_W, grad_b, grad_t, None, None, None, None
 
 
 def decode(active: Active, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
@@ -154,23 +160,27 @@ def topk_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_de
     return active, decode(active, W_dec, b_dec), pre
 
 
-def keep_mask(pre: torch.Tensor, threshold: torch.Tensor | None, bandwidth: float) -> torch.Tensor:
-    """[B, F] the entries whose value or gradient can be non-zero: relu's open ones (pre > 0); for JumpReLU the
-    open ones and those in the threshold's window, |pre - t| < bandwidth / 2: together pre - t > -bandwidth / 2."""
+def keep_mask(pre: torch.Tensor, threshold: torch.Tensor | None, bandwidth: float,
+              norm_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, F] the entries whose value or gradient can be non-zero: relu's open ones (pre > 0); for JumpReLU, whose
+    gate reads g = pre * norm_sum [F], the open ones and those in the threshold's window, |g - t| < bandwidth / 2:
+    together g - t > -bandwidth / 2."""
     if threshold is None:
         return pre > 0
-    return (pre - threshold) > -(bandwidth / 2)
+    return (pre * norm_sum - threshold) > -(bandwidth / 2)
 
 
 def threshold_forward(x: torch.Tensor, pre: torch.Tensor, keep: torch.Tensor, W_enc: torch.Tensor,
                       b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
-                      threshold: torch.Tensor | None, bandwidth: float) -> tuple[Active, torch.Tensor]:
-    """relu (threshold None) or JumpReLU over the entries of ``keep_mask``: (active entries, reconstruction).
+                      threshold: torch.Tensor | None, bandwidth: float,
+                      norm_sum: torch.Tensor | None = None) -> tuple[Active, torch.Tensor]:
+    """relu (threshold None) or JumpReLU (gated on pre * norm_sum, norm_sum [F] without gradient) over the entries
+    of ``keep_mask``: (active entries, reconstruction).
 
     pre [B, F] is x W_enc + b_enc, already computed; only the gradient flows through here."""
     B = x.shape[0]
     values, rows, cols = _ThresholdEncode.apply(x.reshape(B, -1), W_enc.reshape(-1, W_dec.shape[0]), b_enc,
-                                                threshold, pre.detach(), keep, bandwidth)
+                                                threshold, pre.detach(), keep, bandwidth, norm_sum)
     active = Active(rows, cols, values, _offsets(rows, B))
     return active, decode(active, W_dec, b_dec)
 

@@ -94,14 +94,17 @@ def test_batchtopk_keeps_k_per_token_on_average_and_thresholds_at_inference():
 
 def test_jumprelu_threshold_gradient_is_the_straight_through_estimate():
     torch.manual_seed(0)
-    model = Crosscoder(1, 2, 3, activation="jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
-    pre = torch.tensor([[0.45, 0.58, 1.0], [0.52, 0.2, 0.41]])
+    model = Crosscoder(1, 2, 3, activation="jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2,
+                       dec_init_norm=0.5)
+    pre = torch.tensor([[0.9, 1.16, 2.0], [1.04, 0.4, 0.82]])
+    g = pre * 0.5  # the gate reads the contribution pre * sum_s ||W_dec[i, s]|| (here 0.5)
     f = model.activate(pre)
-    assert torch.equal(f, pre * (pre > 0.5))
+    assert torch.equal(f, pre * (g > 0.5))
     f.sum().backward()
-    # d/dt [x H(x - t)] ~ -(t / eps) * 1{|x - t| < eps/2}; chain rule through t = exp(log t) multiplies by t
-    window = ((pre - 0.5).abs() < 0.1).double()
-    expected = (-(0.5 / 0.2) * window).sum(0) * 0.5
+    # d/dt [pre H(pre n - t)] ~ -(pre / eps) * 1{|pre n - t| < eps/2}; chain rule through t = exp(log t) multiplies by t
+    window = ((g - 0.5).abs() < 0.1).double()
+    expected = (-(pre.double() / 0.2) * window).sum(0) * 0.5
+    assert window.sum() == 4  # open (0.52, 0.58) and closed (0.45, 0.41) entries
     np.testing.assert_allclose(model.log_threshold.grad.numpy(), expected.numpy(), rtol=1e-5)
 
 

@@ -71,8 +71,10 @@ def test_sparse_jumprelu_equals_dense_with_threshold_window_entries(B, S, D, F):
     x[5] = 0
     x[6] = 0.01 * x[6]
     od, of = run_both(dense, fast, x)
-    pre, t = od.pre_acts.detach(), dense.log_threshold.exp().detach()
-    closed_in_window = (pre <= t) & ((pre - t).abs() < 0.15)
+    # the gate reads the contribution g = pre * sum_s ||W_dec[i, s]||
+    g = od.pre_acts.detach() * dense.decoder_norms().sum(-1).detach()
+    t = dense.log_threshold.exp().detach()
+    closed_in_window = (g <= t) & ((g - t).abs() < 0.15)
     assert closed_in_window.sum() > 10 and (od.latents[5] == 0).all()  # the cases that matter are there
     assert dense.log_threshold.grad.abs().sum() > 0
     # the closed window entries are in the sparse set, with value 0
@@ -111,3 +113,25 @@ def test_sparse_path_with_nothing_open_in_the_whole_batch(activation):
     dense, fast = pair(activation, 2, 8, 128, bias=-50.0)
     od, of = run_both(dense, fast, torch.randn(16, 2, 8))
     assert len(of.active.values) == 0 and (od.latents == 0).all()
+
+
+def test_sparse_jumprelu_gates_on_the_contribution_as_the_dense_path_does():
+    """Decoder-norm sums spread over two orders of magnitude, so a gate on pre alone would open other entries than
+    the gate on pre * sum_s ||W_dec[i, s]||: the sparse set is exactly the dense gate's open entries plus its closed
+    window entries, and forward, loss and every gradient agree."""
+    dense, fast = pair("jumprelu", 3, 8, 256, bias=0.0, jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.2)
+    c = torch.exp(torch.linspace(-2.3, 2.3, 256))[torch.randperm(256, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        for model in (dense, fast):
+            model.W_dec.div_(c[:, None, None])
+            model.W_enc.mul_(c)
+    x = 3 * torch.randn(48, 3, 8)
+    od, of = run_both(dense, fast, x)
+    g = od.pre_acts.detach() * dense.decoder_norms().sum(-1).detach()
+    t = dense.log_threshold.exp().detach()
+    open_, window = g > t, (g - t).abs() < 0.1
+    assert open_.sum() > 20 and (window & ~open_).sum() > 20
+    assert not torch.equal(open_, od.pre_acts.detach() > t)  # the contribution gate differs from a gate on pre
+    kept = torch.zeros_like(open_)
+    kept[of.active.rows, of.active.cols] = True
+    assert torch.equal(kept, open_ | window) and torch.equal(od.latents > 0, open_)
