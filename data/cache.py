@@ -332,10 +332,14 @@ if __name__ == "__main__":
 
     os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
+    from cli import one_line_errors, quiet_library_noise
+
     @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
     def main(cfg: DictConfig) -> None:
+        quiet_library_noise()
         start = time.time()
-        folder = ensure_cached(cfg.model, cfg.cache, instantiate(cfg.corpus), cfg.paths.cache_dir)
+        with one_line_errors():
+            folder = ensure_cached(cfg.model, cfg.cache, instantiate(cfg.corpus), cfg.paths.cache_dir)
         per_token, floor = bytes_per_token(folder)
         print(f"{folder}\n{read_manifest(folder).n_tokens:,} tokens, {per_token:.1f} bytes/token on disk "
               f"({per_token / floor:.3f}x the floor of {floor:.0f}); {time.time() - start:.0f}s")
