@@ -58,6 +58,7 @@ def test_train_writes_run_folder_and_tensorboard(toy_dataset, tmp_path, activati
     assert scalars["val/explained_variance"][-1][1] == pytest.approx(final["val/explained_variance"], rel=1e-6)
     assert "decoder_norm/step0" in histograms
     assert 0 <= scalars["perf/data_wait_fraction"][-1][1] < 1 and scalars["perf/tokens_per_s"][-1][1] > 0
+    assert scalars["train/loss"][-1][1] < scalars["train/loss"][0][1]  # it learns
     # TensorBoard's HParams view: the run's hyperparameters with its final validation metrics, logged once
     params, hp_metrics = read_hparams(run / "tensorboard")
     assert params["d_sae"] == 32 and params["activation"] == activation and params["l1_coef"] == cfg.crosscoder.l1_coef
@@ -78,7 +79,6 @@ def read_hparams(event_dir) -> tuple[dict, list[str]]:
     params = {k: (v.number_value if v.HasField("number_value") else v.string_value if v.HasField("string_value")
                   else v.bool_value) for k, v in start.hparams.items()}
     return params, sorted(m.name.tag for m in experiment.metric_infos)
-    assert scalars["train/loss"][-1][1] < scalars["train/loss"][0][1]  # it learns
 
 
 def test_training_improves_explained_variance(toy_dataset, tmp_path):
