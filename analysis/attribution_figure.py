@@ -97,8 +97,8 @@ def fig_attribution(summary: dict, ig: np.ndarray, table: pd.DataFrame | None):
         ax.text(0.5, 0.5, f"no snapshot with an effect >= min_gap ({min_gap:g}): no shares reported",
                 ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.3")
     ax.set_ylabel("share of the effect")
-    ax.set_title(f"share carried by all features and by the error term (selection prompts; grey: effect < min_gap "
-                 f"{min_gap:g}, not reported)", fontsize=10)
+    ax.set_title("share of the effect: all features vs the error term (selection prompts; grey: not reported)",
+                 fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
 
