@@ -26,6 +26,7 @@ from analysis import attribution, browser, evolution, figures, report, run_files
 from analysis.activations import activation_pass  # noqa: E402
 from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
+from cli import one_line_errors, quiet_library_noise  # noqa: E402
 from data.format import write_atomic  # noqa: E402
 
 register()
@@ -145,8 +146,10 @@ def analyze_sweep(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="conf/analyze", config_name="analyze", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    check(cfg)
-    analyze_run(cfg) if cfg.run is not None else analyze_sweep(cfg)
+    quiet_library_noise()
+    with one_line_errors():
+        check(cfg)
+        analyze_run(cfg) if cfg.run is not None else analyze_sweep(cfg)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_
 TINY = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=True)
 # the smoke run: the preset's pipeline at tiny shapes, on 4 of the 32 revisions (all 32 symlinks exist)
-SMOKE_OVERRIDES = ["data.snapshots=[step0,step128,step8000,step143000]", "model.d_model=32", "model.layer=1", "model.context_length=64", "crosscoder.d_sae=512",
+SMOKE_OVERRIDES = ["data.snapshots=[step0,step128,step8000,step143000]", "model.d_model=32", "model.layer=1",
+                   "model.context_length=64", "crosscoder.d_sae=512",
                    "data.batch_size=64", "+trainer.accumulate_grad_batches=2", "data.block_tokens=1024",
                    "data.norm_tokens=1024", "data.forward_batch=4", "trainer.accelerator=cpu", "data.device=cpu"]
 

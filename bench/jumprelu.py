@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--l1-coef", type=float, default=1.0, help="for --grid bandwidth")
     parser.add_argument("--init-threshold", type=float, default=0.1)
     parser.add_argument("--threshold-lr-factor", type=float, default=10.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: faster than 2 at this size on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: faster than 2 at this size on a shared machine)")
     parser.add_argument("--out", default=None, help="results file name under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

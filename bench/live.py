@@ -14,7 +14,8 @@ spends inside the snapshot models' forwards is measured by wrapping them in a ti
 quality: trains the crosscoder with train.py at equal tokens and steps on the live stream, changing only how
 many consecutive stream tokens are shuffled together (data.block_tokens): (a) the whole run in one block, what
 a fully shuffled cache of the same tokens gives; (b) the default block (256 batches) and a quarter of it; (c)
-the paper preset's old mixing scaled to this suite (8 windows: one batch, no shuffling beyond it). Every run is validated on the same held-out
+the paper preset's old mixing scaled to this suite (8 windows: one batch, no shuffling beyond it). Every run is validated on
+the same held-out
 documents. Writes bench/results/live_speed.json / live_quality.json.
 """
 
@@ -129,7 +130,8 @@ def speed(steps: int) -> dict:
             "block_tokens": live.block_tokens, "live_tokens_per_s": round(live_tps, 1),
             "cached_tokens_per_s": round(cached_tps, 1), "live_over_cached": round(live_tps / cached_tps, 3),
             "forward_share_of_live_step": round(forwards / timer.seconds, 3),
-            "forward_seconds": round(forwards, 2), "forward_tokens_timed": forward["tokens"], "live_seconds": round(timer.seconds, 2),
+            "forward_seconds": round(forwards, 2), "forward_tokens_timed": forward["tokens"],
+            "live_seconds": round(timer.seconds, 2),
             "cached_seconds": round(cached_timer.seconds, 2), "cached_shuffle_buffer": cfg.data.block_tokens}
 
 

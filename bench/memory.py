@@ -67,8 +67,8 @@ def main() -> None:
         for n_shards in (2, 8):
             folder = Path(tmp) / f"shards{n_shards}"
             write_shards(folder, n_shards)
-            out = subprocess.run([sys.executable, "-m", "bench.memory", "--child", str(folder), "--steps", str(args.steps)], cwd=ROOT,
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.memory", "--child", str(folder), "--steps", str(args.steps)],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
             peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
             rows.append({"shards": n_shards, "peak_rss_bytes": peak})
     total = sum(estimate.values())

@@ -209,8 +209,8 @@ def step_time(S: int, D: int, F: int, B: int, micro: int, path: str, gpu: dict, 
     GEMM (2 S D F) and per kept entry a D-row gather and scatter (6 D FLOPs, 12 D bytes), per candidate pair a row of
     x read for the encoder gradient (4 S D bytes), and ~40 bytes per [B, F] element (pre, masks, latents); passed:
     listed's over the open entries, plus the window pass's GEMM (2 S D F) and its element-wise bytes
-    (ELEMENTWISE_BYTES; ``compiled`` False: the eager kernels, for the dense path too). Under FSDP (``devices`` > 1) each device runs
-    B / devices tokens, its Adam shard, and all-gathers the bf16 weights twice and reduce-scatters the bf16
+    (ELEMENTWISE_BYTES; ``compiled`` False: the eager kernels, for the dense path too). Under FSDP (``devices`` > 1)
+    each device runs B / devices tokens, its Adam shard, and all-gathers the bf16 weights twice and reduce-scatters the bf16
     gradients once per micro-batch (3 x 2 bytes x 2 S D F, at ~350 GB/s of NVLink per device)."""
     sdf = S * D * F
     k = max(1, B // (micro * devices))  # micro-batches per device per optimiser step
@@ -638,7 +638,8 @@ def print_predictions(rows: list[dict]) -> None:
         fits = "yes" if d["fits"] and s["fits"] else ("sparse only" if s["fits"] else "no")
         print(f"| {r['preset']} | {r['d_sae']:,} | {r['gpu']} (x{r['devices']}) | {r['micro_batch']:,} x {k} | "
               f"{_gb(d['peak_bytes'])} / {_gb(s['peak_bytes'])} | {fits} | {h['passed']:.1f} / {h['dense']:.1f} / "
-              f"{h['passed_eager']:.1f} / {h['dense_eager']:.1f} | {p['hours_per_dense_percent']:.2f} | 0 / {p['activation_disk_bytes_shards'] / 1e12:.1f} TB |")
+              f"{h['passed_eager']:.1f} / {h['dense_eager']:.1f} | {p['hours_per_dense_percent']:.2f} | "
+              f"0 / {p['activation_disk_bytes_shards'] / 1e12:.1f} TB |")
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,8 @@
     python -m data.cache model=pythia160m corpus=slimpajama cache.n_tokens=100_000_000
 
 The corpus windows are tokenised first (into a small disk buffer), so a corpus too small for
-``cache.n_tokens`` stops with an error before any model runs. They are cut into chunks of whole shards. For each chunk, each snapshot model is loaded in turn (one
+``cache.n_tokens`` stops with an error before any model runs. They are cut into chunks of whole shards. For each chunk,
+each snapshot model is loaded in turn (one
 model in memory at a time), runs every window of the chunk, and writes its slice ``[:, :, s, :]`` into an
 on-disk chunk buffer; once every snapshot is in, the chunk's shards are written. Progress is recorded after
 each snapshot of a chunk and after each chunk, so a killed run continues where it stopped: finished shards
@@ -34,11 +35,25 @@ import torch
 from tqdm import tqdm
 
 from data.corpus import Window, heldout_documents
-from data.format import (DTYPES, FORMAT_VERSION, SHARD_NAME, FormatError, Manifest, RunningStats, ShardEntry,
-                         ShardWriter, Snapshot, merged_stats, read_manifest, sha256_file, storage_dtype, to_storage,
-                         write_atomic, write_manifest)
-from data.snapshots import (activations, check_revisions, hook_point_name, load_snapshot, load_tokenizer,
-                            revision_step)
+from data.format import (
+    DTYPES,
+    FORMAT_VERSION,
+    SHARD_NAME,
+    FormatError,
+    Manifest,
+    RunningStats,
+    ShardEntry,
+    ShardWriter,
+    Snapshot,
+    merged_stats,
+    read_manifest,
+    sha256_file,
+    storage_dtype,
+    to_storage,
+    write_atomic,
+    write_manifest,
+)
+from data.snapshots import activations, check_revisions, hook_point_name, load_snapshot, load_tokenizer, revision_step
 
 PROGRESS = "progress.json"
 WINDOWS = "windows.buffer"  # the corpus windows of this run, tokenised up front (removed once the cache is done)

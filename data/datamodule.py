@@ -27,8 +27,17 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from data.format import (MANIFEST_NAME, FormatError, Manifest, ShardEntry, SnapshotStats, from_storage, read_manifest,
-                         read_shard, val_shard_count)
+from data.format import (
+    MANIFEST_NAME,
+    FormatError,
+    Manifest,
+    ShardEntry,
+    SnapshotStats,
+    from_storage,
+    read_manifest,
+    read_shard,
+    val_shard_count,
+)
 
 log = logging.getLogger(__name__)
 

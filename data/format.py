@@ -252,7 +252,8 @@ def to_storage(acts: np.ndarray, dtype: str) -> np.ndarray:
     """Cast activations to the on-disk dtype; bfloat16 becomes its uint16 bit pattern (numpy lacks it)."""
     if dtype == "bfloat16":
         import torch
-        return torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        as_bf16 = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)).to(torch.bfloat16)
+        return as_bf16.view(torch.int16).numpy().view(np.uint16)
     with np.errstate(over="ignore"):  # overflow is reported below, with the value that caused it
         out = acts.astype(dtype, copy=False)
     if dtype == "float16" and not np.isfinite(out).all() and np.isfinite(acts).all():

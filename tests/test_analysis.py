@@ -266,6 +266,7 @@ def test_emergence_and_lifetime_match_synthetic_truth(synthetic):
 # ---- end to end through Hydra's compose API ------------------------------------------------------------
 def compose_analyze(overrides: list[str]):
     from hydra import compose, initialize_config_dir
+
     import analyze  # noqa: F401  (registers the schema)
     with initialize_config_dir(config_dir=str(ROOT / "conf" / "analyze"), version_base="1.3"):
         return compose("analyze", overrides=overrides)

@@ -83,7 +83,8 @@ def test_paper_preset_trains(toy_dataset, tmp_path):
     from train import train
     cfg = compose_train([f"data.path={toy_dataset}", "crosscoder=paper", "crosscoder.d_sae=48", "data.batch_size=64",
                          "data.shuffle_buffer=256", "trainer.max_steps=150", "trainer.val_check_interval=75",
-                         "crosscoder.lr=3e-3", "crosscoder.l1_coef=0.03", "callbacks.progress_bar.refresh_rate=0", "logger=none"], tmp_path / "run")
+                         "crosscoder.lr=3e-3", "crosscoder.l1_coef=0.03", "callbacks.progress_bar.refresh_rate=0",
+                         "logger=none"], tmp_path / "run")
     metrics = train(cfg)
     assert metrics["val/explained_variance"] > 0.85 and 0 < metrics["val/l0"] < 24
     loaded = Crosscoder.load(tmp_path / "run")

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from data.format import iter_samples, read_manifest, sha256_file
-from data.synthetic import (CATEGORIES, SyntheticConfig, feature_recovery, generate, load_truth, main,
-                            make_truth, save_truth)
+from data.synthetic import CATEGORIES, SyntheticConfig, feature_recovery, generate, load_truth, main, make_truth, save_truth
 
 SMALL = dict(n_snapshots=4, d_model=16, n_features=32, mean_active=3.0, n_tokens=24_000, tokens_per_sample=16,
              samples_per_shard=256, noise_std=0.3, rotation=0.2)
