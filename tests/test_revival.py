@@ -3,6 +3,7 @@ through the LightningModule, resampling's weights and Adam state, and the same r
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -212,3 +213,26 @@ def test_every_ddp_rank_revives_the_same_latents_the_same_way(tmp_path):
     assert torch.equal(r0["dead"], want) and torch.equal(r1["dead"], want)
     assert torch.equal(r0["idx"], r1["idx"]) and len(r0["idx"]) == 10
     assert torch.equal(r0["W_dec"], r1["W_dec"]) and torch.equal(r0["W_enc"], r1["W_enc"])  # rank 0's draw
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "paper"])
+def test_resample_resets_thresholds_of_the_gated_activations(activation):
+    torch.manual_seed(0)
+    cc = Crosscoder(2, 8, 16, activation=activation, jumprelu_init_threshold=0.01, jumprelu_bandwidth=0.01)
+    opt = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    x = torch.randn(32, 2, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        out = cc(x)
+        terms = cc.loss_terms(x, out)
+        (terms.mse + terms.sparsity).backward()
+        opt.step()
+    with torch.no_grad():
+        cc.log_threshold[4] = 5.0  # a threshold no token passes
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[4] = True
+    idx = revival.resample(cc, x, dead, opt, init_threshold=0.01)
+    assert idx.tolist() == [4]
+    assert cc.log_threshold[4].item() == pytest.approx(math.log(0.01))
+    assert opt.state[cc.log_threshold]["exp_avg"][4] == 0 and opt.state[cc.log_threshold]["exp_avg"].abs().sum() > 0
+    assert torch.isfinite(cc(x).recon).all()
