@@ -54,9 +54,10 @@ class CrosscoderModule(L.LightningModule):
         norm_scale [S] and data_mean [S, D] (raw units) come from the datamodule; they initialise each
         crosscoder's ``scale`` buffer and ``b_dec`` (the mean of the normalised activations).
 
-        Dead-latent revival (crosscoder/revival.py), for latents silent over ``revive_window_tokens`` tokens: the AuxK
-        term ``aux_coef`` x ... with ``aux_k`` latents per token (None: d_model // 2) for topk / batchtopk; resampling
-        every ``resample_every`` steps (0: never) before the LR decay starts, for relu / jumprelu / paper.
+        Dead-latent revival (crosscoder/revival.py), for latents silent over ``revive_window_tokens`` tokens: topk /
+        batchtopk add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token (None: d_model // 2); relu /
+        jumprelu / paper resample them every ``resample_every`` steps (0: never) until the LR decay starts. Both are
+        off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns them on.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
