@@ -178,9 +178,12 @@ class CrosscoderModule(L.LightningModule):
     def resample_dead(self, x: torch.Tensor) -> None:
         """Resample every dictionary's latents dead for ``revive_window_tokens`` toward x's high-loss tokens."""
         optimizer = self.optimizers().optimizer
+        # drawn from the step number, not the global RNG: a resumed run resamples exactly as an uninterrupted one
+        generator = torch.Generator(device=x.device).manual_seed(self.global_step)
         for i, (cc, metrics) in enumerate(zip(self.crosscoders, self.dict_metrics)):
             idx = revival.resample(cc, x, revival.dead_mask(metrics.firing, self.hparams.revive_window_tokens),
-                                   optimizer, self.hparams.dec_init_norm, self.hparams.jumprelu_init_threshold)
+                                   optimizer, self.hparams.dec_init_norm, self.hparams.jumprelu_init_threshold,
+                                   generator=generator)
             metrics.firing.since_fired[idx] = 0  # a fresh window for the new latents
             self.log(self.tag(i, "train/resampled"), float(len(idx)))
 
