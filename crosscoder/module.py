@@ -45,7 +45,7 @@ class CrosscoderModule(L.LightningModule):
                  lr_warmup_steps: int | float = 0.01, lr_decay_start: float = 0.8, lr_final_factor: float = 0.0,
                  dead_window_tokens: int = 1_000_000, tanh_c: float = 4.0, tanh_s: float = 0.01,
                  threshold_lr_factor: float = 1.0, sparse: bool | None = None, snapshot_names: list[str] | None = None,
-                 aux_k: int | None = None, aux_coef: float = 0.0, revive_window_tokens: int = 250_000,
+                 aux_k: int | None = None, aux_coef: float = 0.0, revive_window_tokens: int | None = None,
                  resample_every: int = 0,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
@@ -54,7 +54,8 @@ class CrosscoderModule(L.LightningModule):
         norm_scale [S] and data_mean [S, D] (raw units) come from the datamodule; they initialise each
         crosscoder's ``scale`` buffer and ``b_dec`` (the mean of the normalised activations).
 
-        Dead-latent revival (crosscoder/revival.py), for latents silent over ``revive_window_tokens`` tokens: topk /
+        Dead-latent revival (crosscoder/revival.py), for latents silent over ``revive_window_tokens`` tokens (None: the
+        dead-feature metric's ``dead_window_tokens``, so what is revived is what the metric calls dead): topk /
         batchtopk add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token (None: d_model // 2); relu /
         jumprelu / paper resample them every ``resample_every`` steps (0: never) until the LR decay starts. Both are
         off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns them on.
@@ -91,6 +92,7 @@ class CrosscoderModule(L.LightningModule):
         self.last_validated_step = -1
         self.auxk = activation in ("topk", "batchtopk") and aux_coef > 0
         self.aux_k = int(aux_k) if aux_k else max(1, d_model // 2)
+        self.revive_window = int(revive_window_tokens) if revive_window_tokens else int(dead_window_tokens)
 
     @property
     def crosscoder(self) -> Crosscoder:
@@ -140,7 +142,7 @@ class CrosscoderModule(L.LightningModule):
             terms = cc.loss_terms(x, out)
             coef = self.l1_coefs[i] * warm
             loss = terms.mse + coef * terms.sparsity
-            dead = revival.dead_mask(metrics.firing, self.hparams.revive_window_tokens) if self.auxk else None
+            dead = revival.dead_mask(metrics.firing, self.revive_window) if self.auxk else None
             if dead is not None:  # AuxK: the dead latents reconstruct the residual
                 aux = revival.auxk_loss(cc, x, out, dead, self.aux_k, self.hparams.aux_coef)
                 self.log_dict({self.tag(i, "train/aux_loss"): aux, self.tag(i, "train/aux_dead"): dead.sum().float()})
@@ -181,7 +183,7 @@ class CrosscoderModule(L.LightningModule):
         # drawn from the step number, not the global RNG: a resumed run resamples exactly as an uninterrupted one
         generator = torch.Generator(device=x.device).manual_seed(self.global_step)
         for i, (cc, metrics) in enumerate(zip(self.crosscoders, self.dict_metrics)):
-            idx = revival.resample(cc, x, revival.dead_mask(metrics.firing, self.hparams.revive_window_tokens),
+            idx = revival.resample(cc, x, revival.dead_mask(metrics.firing, self.revive_window),
                                    optimizer, self.hparams.dec_init_norm, self.hparams.jumprelu_init_threshold,
                                    generator=generator)
             metrics.firing.since_fired[idx] = 0  # a fresh window for the new latents
