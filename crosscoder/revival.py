@@ -2,7 +2,8 @@
 
 A latent is *dead for revival* once it has fired on none of the last ``window`` training tokens. The counts come
 from ``FeatureFiring`` (crosscoder/metrics.py), whose state is summed over all DDP ranks at every step and is the
-same on every rank, so every rank picks the same dead latents.
+same on every rank, so every rank picks the same dead latents. The window defaults to the dead-feature metric's
+(``dead_window_tokens``): with a quarter of it, AuxK on the synthetic set left twice as many latents dead as no AuxK.
 
 AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", section A.2): the top-``k_aux`` dead latents
 of each token, ranked as the TopK code ranks (relu(pre) * sum_s ||W_dec[i, s]||), reconstruct the main code's
