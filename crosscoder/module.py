@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from crosscoder import revival
 from crosscoder.metrics import ExplainedVariance, FeatureFiring, l0
 from crosscoder.model import Crosscoder
 
@@ -44,12 +45,20 @@ class CrosscoderModule(L.LightningModule):
                  lr_warmup_steps: int | float = 0.01, lr_decay_start: float = 0.8, lr_final_factor: float = 0.0,
                  dead_window_tokens: int = 1_000_000, tanh_c: float = 4.0, tanh_s: float = 0.01,
                  threshold_lr_factor: float = 1.0, sparse: bool | None = None, snapshot_names: list[str] | None = None,
+                 aux_k: int | None = None, aux_coef: float = 0.0, revive_window_tokens: int | None = None,
+                 resample_every: int = 0,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
         """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float < 1).
 
         norm_scale [S] and data_mean [S, D] (raw units) come from the datamodule; they initialise each
         crosscoder's ``scale`` buffer and ``b_dec`` (the mean of the normalised activations).
+
+        Dead-latent revival (crosscoder/revival.py), for latents silent over ``revive_window_tokens`` tokens (None: the
+        dead-feature metric's ``dead_window_tokens``, so what is revived is what the metric calls dead): topk /
+        batchtopk add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token (None: d_model // 2); relu /
+        jumprelu / paper resample them every ``resample_every`` steps (0: never) until the LR decay starts. Both are
+        off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns them on.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
@@ -81,6 +90,9 @@ class CrosscoderModule(L.LightningModule):
             self.crosscoders.append(cc)
             self.dict_metrics.append(DictionaryMetrics(n_snapshots, d_model, f, dead_window_tokens))
         self.last_validated_step = -1
+        self.auxk = activation in ("topk", "batchtopk") and aux_coef > 0
+        self.aux_k = int(aux_k) if aux_k else max(1, d_model // 2)
+        self.revive_window = int(revive_window_tokens) if revive_window_tokens else int(dead_window_tokens)
 
     @property
     def crosscoder(self) -> Crosscoder:
@@ -130,11 +142,18 @@ class CrosscoderModule(L.LightningModule):
             terms = cc.loss_terms(x, out)
             coef = self.l1_coefs[i] * warm
             loss = terms.mse + coef * terms.sparsity
+            dead = revival.dead_mask(metrics.firing, self.revive_window) if self.auxk else None
+            if dead is not None:  # AuxK: the dead latents reconstruct the residual
+                aux = revival.auxk_loss(cc, x, out, dead, self.aux_k, self.hparams.aux_coef)
+                self.log_dict({self.tag(i, "train/aux_loss"): aux, self.tag(i, "train/aux_dead"): dead.sum().float()})
+                loss = loss + aux
             if not torch.isfinite(loss):
                 where = f" in dictionary {self.dictionary_names[i]}" if self.dictionary_names[i] else ""
                 raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step} (batch {batch_idx}){where}; "
                                          "the last checkpoint holds the last good weights")
             metrics.firing.update(out.latents)
+            if dead is not None:  # dead before this batch, fired in it (on any rank)
+                self.log(self.tag(i, "train/revived"), (dead & (metrics.firing.since_fired == 0)).sum().float())
             self.log_dict({self.tag(i, "train/loss"): loss, self.tag(i, "train/mse"): terms.mse,
                            self.tag(i, "train/sparsity"): terms.sparsity, self.tag(i, "train/l0"): terms.l0,
                            self.tag(i, "train/l1_coef"): coef,
@@ -147,12 +166,28 @@ class CrosscoderModule(L.LightningModule):
         return total
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.hparams.resample_every
+        if every and self.hparams.activation in ("relu", "jumprelu", "paper") and self.global_step % every == 0 \
+                and self.global_step < self._steps(self.hparams.lr_decay_start):
+            self.resample_dead(self.normalise(batch))
         if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
             for i, metrics in enumerate(self.dict_metrics):
                 self.log(self.tag(i, "train/dead_fraction"), metrics.firing.compute().float())
             skipped = getattr(self.trainer.datamodule, "skipped_shards", None)
             if skipped is not None:
                 self.log("data/skipped_shards", float(skipped.value))
+
+    def resample_dead(self, x: torch.Tensor) -> None:
+        """Resample every dictionary's latents dead for ``revive_window_tokens`` toward x's high-loss tokens."""
+        optimizer = self.optimizers().optimizer
+        # drawn from the step number, not the global RNG: a resumed run resamples exactly as an uninterrupted one
+        generator = torch.Generator(device=x.device).manual_seed(self.global_step)
+        for i, (cc, metrics) in enumerate(zip(self.crosscoders, self.dict_metrics)):
+            idx = revival.resample(cc, x, revival.dead_mask(metrics.firing, self.revive_window),
+                                   optimizer, self.hparams.dec_init_norm, self.hparams.jumprelu_init_threshold,
+                                   generator=generator)
+            metrics.firing.since_fired[idx] = 0  # a fresh window for the new latents
+            self.log(self.tag(i, "train/resampled"), float(len(idx)))
 
     # ---- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
