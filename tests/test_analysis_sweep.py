@@ -88,7 +88,7 @@ def test_sweep_without_sae_runs_still_draws(tmp_path):
     assert "sae" not in json.loads((out / "sweep_analysis.json").read_text())["frontier"]
 
 
-def test_command_line_and_errors(sweep, tmp_path):
+def test_command_line_and_errors(sweep, tmp_path, capsys, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), f"sweep={sweep}", f"out={tmp_path / 'o'}",
                            "tensorboard=false"], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -98,8 +98,12 @@ def test_command_line_and_errors(sweep, tmp_path):
     from analyze import analyze_sweep, main
     with pytest.raises(FileNotFoundError, match="nowhere: no such sweep or run folder"):
         analyze_sweep(compose_analyze([f"sweep={tmp_path / 'nowhere'}"]))
-    with pytest.raises(ValueError, match="exactly one of run=<run folder> or sweep=<multirun folder>"):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stopped:  # the project's own error: one line on stderr, exit status 1
         main.__wrapped__(compose_analyze([]))
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exactly one of run=<run folder> or sweep=<multirun folder>" in err[0]
 
 
 def test_run_in_a_sweep_shows_its_sae_siblings_in_figure_4(small_run):
