@@ -27,7 +27,7 @@ from analysis.activations import activation_pass  # noqa: E402
 from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
 from cli import one_line_errors, quiet_library_noise  # noqa: E402
-from data.format import write_atomic  # noqa: E402
+from data.format import atomic_path, write_atomic  # noqa: E402
 
 register()
 
@@ -124,9 +124,8 @@ def analyze_sweep(cfg: DictConfig) -> Path:
     extra = cfg.baselines if OmegaConf.is_list(cfg.baselines) else [cfg.baselines] if cfg.baselines else []
     runs = sweep.collect_runs([str(cfg.sweep), *map(str, extra)])
     out = _out_dir(cfg, Path(cfg.sweep) / "analysis")
-    tmp = out / "runs.csv.tmp"
-    runs.to_csv(tmp, index=False)
-    os.replace(tmp, out / "runs.csv")
+    with atomic_path(out / "runs.csv") as tmp:
+        runs.to_csv(tmp, index=False)
     facts = summary.clean(sweep.sweep_summary(runs))
     write_atomic(out / "sweep_analysis.json", json.dumps(facts, indent=1))
     pngs = [figures.save_figure(sweep.fig_pareto(runs), out / "fig5_pareto.png"),

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from analysis.run_files import RunFiles, select
 from analysis.splice import decode_at, hook_activations, logits_with, snapshot_code
 from analysis.tasks import TaskPrompts, answer_mask, logit_diff, split_prompts, take
-from data.format import write_atomic
+from data.format import atomic_path, write_atomic
 from data.snapshots import check_revisions, load_snapshot, load_tokenizer
 
 RESULT_FILE = "attribution.json"
@@ -426,13 +426,11 @@ def save(summary: dict, results: list[SnapshotAttribution], out: Path) -> None:
     from analysis.summary import clean
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RESULT_FILE, json.dumps(clean(summary), indent=1))
-    tmp = out / "top_features.csv.tmp"
-    top_features_frame(summary).to_csv(tmp, index=False)
-    tmp.replace(out / "top_features.csv")
-    tmp = out / "attribution.tmp.npz"
-    np.savez_compressed(tmp, names=np.array([r.name for r in results]), steps=np.array([r.step for r in results]),
-                        ig=np.stack([r.ig for r in results]), atp=np.stack([r.atp for r in results]))
-    tmp.replace(out / "attribution.npz")
+    with atomic_path(out / "top_features.csv") as tmp:
+        top_features_frame(summary).to_csv(tmp, index=False)
+    with atomic_path(out / "attribution.npz", suffix=".npz") as tmp:
+        np.savez_compressed(tmp, names=np.array([r.name for r in results]), steps=np.array([r.step for r in results]),
+                            ig=np.stack([r.ig for r in results]), atp=np.stack([r.atp for r in results]))
 
 
 def load_results(analysis_dir: Path) -> list[dict]:

@@ -15,12 +15,13 @@ Categories (dead first, then by presence at the first and last snapshot):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+from data.format import atomic_path
 
 CATEGORIES = ("dead", "persistent", "initial", "emergent", "transient")
 
@@ -146,8 +147,7 @@ def save_table(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     for name, write in (("features.parquet", lambda p: table.to_parquet(p, index=False)),
                         ("features.csv", lambda p: table.to_csv(p, index=False))):
         path = Path(out_dir) / name
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
         paths.append(path)
     return paths

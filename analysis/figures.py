@@ -6,7 +6,6 @@ ticks are labelled with the step itself. Figure numbers follow issue 4 (5 is the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.evolution import CATEGORIES, norm_matrix  # noqa: E402
+from data.format import atomic_path  # noqa: E402
 
 CATEGORY_COLORS = {"dead": "#bbbbbb", "persistent": "#4c72b0", "initial": "#8172b2", "emergent": "#55a868",
                    "transient": "#dd8452"}
@@ -208,10 +208,9 @@ def fig_turning_point(summary: dict):
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

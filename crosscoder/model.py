@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from crosscoder import paper_loop, sparse
+from data.format import atomic_path
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk", "paper")
 WEIGHTS_NAME = "crosscoder.safetensors"
@@ -326,9 +327,8 @@ class Crosscoder(nn.Module):
         from safetensors.torch import save_file
         path = Path(run_dir) / WEIGHTS_NAME
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config()), "version": str(self._version)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config()), "version": str(self._version)})
         return path
 
     @classmethod

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -214,15 +215,27 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     return Manifest.from_json(raw, where=str(path))
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer to write to; synced and renamed onto ``path`` when the block ends
+    (removed if it raises), so readers see either the old file or the whole new one. ``suffix`` keeps an extension
+    a writer insists on (np.savez appends .npz to any other name)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp" + suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:

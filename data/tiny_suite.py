@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from data.format import write_atomic
+from data.format import atomic_path, write_atomic
 
 SUITE_FILE = "suite.json"
 EOS = "<|endoftext|>"
@@ -153,10 +153,9 @@ def plot_loss_curve(curve: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def build_suite(cache_dir: str | os.PathLike, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,

@@ -293,3 +293,22 @@ def test_hand_written_dataset_with_numpy_and_webdataset_trains_as_is(tmp_path):
     dm.setup()
     assert all_batches(dm, train=False).shape == (64, 2, 8)
     assert all_batches(dm, train=True, n=3).shape == (24, 2, 8)
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    from data.format import atomic_path, write_atomic
+    target = tmp_path / "table.csv"
+    write_atomic(target, "old\n")
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent  # a rename within one folder: atomic
+        tmp.write_text("new\n")
+        assert target.read_text() == "old\n"  # readers see the old file until the block ends
+    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    with atomic_path(tmp_path / "a.npz", suffix=".npz") as tmp:  # np.savez keeps a name that ends in .npz
+        np.savez_compressed(tmp, x=np.arange(3))
+    assert list(np.load(tmp_path / "a.npz")["x"]) == [0, 1, 2]
