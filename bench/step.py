@@ -104,6 +104,12 @@ def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse
             if activation == "jumprelu":  # its gate is pre * sum_s ||W_dec[i, s]|| > t: open the same l0 latents
                 model.b_enc.add_(model.log_threshold.exp() / model.decoder_norms().sum(-1))
 
+    return training_step(model, x, opt, bf16)
+
+
+def training_step(model: Crosscoder, x: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool):
+    """A closure for one step as CrosscoderModule takes it: forward (bf16 autocast or not), mse + sparsity,
+    zero_grad, backward, Adam; it returns the forward's output."""
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
@@ -112,6 +118,7 @@ def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return out
     return step
 
 
@@ -215,17 +222,7 @@ def paper_step(S: int, D: int, F: int, B: int, variant: str):
     bf16 = variant.endswith("bf16")
     # a tiny learning rate: the update costs the same, and the code's density stays where it was set
     opt = torch.optim.Adam(model.parameters(), lr=1e-7, fused=True)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-            terms = model.loss_terms(x, out)
-            loss = terms.mse + terms.sparsity
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return out
-    return step, model, x
+    return training_step(model, x, opt, bf16), model, x
 
 
 def _rss_kib(field: str) -> int:

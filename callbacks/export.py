@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
 from data.format import write_atomic
@@ -61,8 +62,9 @@ class RunExport(L.Callback):
             params = {**common, "d_sae": pl_module.d_saes[i], "l1_coef": pl_module.l1_coefs[i]}
             final = self.metrics_of(trainer, name)
             metrics = {f"hparams/{k}": final[k] for k in self.HPARAM_METRICS if k in final}
-            writer = self._writers.get(name) or self._writers.setdefault(
-                name, SummaryWriter(str(folder / "tensorboard")))
+            # the run's own TensorBoard writer for one dictionary (no second event file); sub-runs have their own
+            writer = trainer.logger.experiment if not name and isinstance(trainer.logger, TensorBoardLogger) else \
+                self._writers.get(name) or self._writers.setdefault(name, SummaryWriter(str(folder / "tensorboard")))
             for summary in hparams(params, metrics):
                 writer.file_writer.add_summary(summary)
             for key, value in metrics.items():
