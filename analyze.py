@@ -143,7 +143,7 @@ def analyze_sweep(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path="conf/analyze", config_name="analyze", version_base="1.3")
+@hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_library_noise()
     with one_line_errors():

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 @dataclass
 class AttributionConfig:
-    """attribution=<task> (conf/analyze/attribution/<task>.yaml); definitions in analysis/attribution.py."""
+    """attribution=<task> (conf/attribution/<task>.yaml); definitions in analysis/attribution.py."""
     task: Any = None  # the prompts and metric: _target_ analysis.tasks.Induction | IOI | SVA, and its parameters
     ig_steps: int = 16  # integrated-gradients steps between the corrupted and the clean hook output
     ks: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])  # sizes of the broken feature sets
@@ -48,6 +48,7 @@ class AnalyzeConfig:
     baselines: Optional[Any] = None  # single-snapshot SAE runs for figure 4: a sweep folder or list of run folders
     tensorboard: bool = True  # also log the figures as TensorBoard images under <out>/tensorboard
     seed: int = 0  # random choice of browser features per category
+    paths: Any = None  # conf/paths: root, cache and output folders, as train.py has them
     attribution: Optional[AttributionConfig] = None  # attribution=<task>: the task's attribution over snapshots
 
 
@@ -67,7 +68,7 @@ def check(cfg: Any) -> None:
     a = cfg.attribution
     if a is not None:
         if a.task is None or "_target_" not in a.task:
-            raise ValueError("conf/analyze: attribution.task needs a _target_ (choose attribution=induction|ioi|sva)")
+            raise ValueError("conf/analyze.yaml: attribution.task needs a _target_ (choose attribution=induction|ioi|sva)")
         rules += [("attribution.ig_steps", a.ig_steps > 0, "> 0"),
                   ("attribution.ks", len(a.ks) > 0 and all(k > 0 for k in a.ks), "a non-empty list of k > 0"),
                   ("attribution.show_k", a.show_k in a.ks, f"one of attribution.ks {list(a.ks)}"),
@@ -79,7 +80,7 @@ def check(cfg: Any) -> None:
                   ("attribution.batch_size", a.batch_size > 0, "> 0")]
     for key, ok, want in rules:
         if not ok:
-            raise ValueError(f"conf/analyze: {key}={OmegaConf.select(cfg, key)} must be {want}")
+            raise ValueError(f"conf/analyze.yaml: {key}={OmegaConf.select(cfg, key)} must be {want}")
 
 
 def register() -> None:

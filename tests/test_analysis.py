@@ -268,7 +268,7 @@ def compose_analyze(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     import analyze  # noqa: F401  (registers the schema)
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "analyze"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("analyze", overrides=overrides)
 
 

@@ -122,7 +122,7 @@ def test_run_in_a_sweep_shows_its_sae_siblings_in_figure_4(small_run):
                                            ("n_contexts=0", "n_contexts"), ("max_tokens=-5", "max_tokens")])
 def test_bad_config_values_are_named(override, key):
     from analysis.config import check
-    with pytest.raises(ValueError, match=f"conf/analyze: {key}="):
+    with pytest.raises(ValueError, match=f"conf/analyze.yaml: {key}="):
         check(compose_analyze(["run=somewhere", override]))
 
 
@@ -166,3 +166,12 @@ def test_crosscoders_and_saes_share_one_l0_definition(sweep):
     assert json.loads((out / "sweep_analysis.json").read_text())["l0_definition"] == L0_DEFINITION
     assert "f > 0" in L0_DEFINITION and L0_DEFINITION in CAPTIONS["fig5_crosscoder_vs_sae"]
     assert "f &gt; 0" in (out / "report.html").read_text()  # the caption, as the report prints it
+
+
+def test_analyze_config_shares_train_paths(monkeypatch, tmp_path):
+    """analyze.yaml sits beside train.yaml and uses `paths`: CROSSCODER_CACHE moves the attribution corpus cache,
+    and `sweep=` is analyze's key, not train.py's multirun group (now hparams_search/)."""
+    monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path / "cache"))
+    cfg = compose_analyze([f"sweep={tmp_path}", "attribution=induction"])
+    assert cfg.sweep == str(tmp_path)
+    assert cfg.attribution.task.corpus.cache_dir == str(tmp_path / "cache" / "hf_datasets")

@@ -65,7 +65,7 @@ def test_sae_baseline_sweep_covers_every_default_snapshot_one_at_a_time():
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["sweep=sae_baselines"], return_hydra_config=True)
+        cfg = compose("train", overrides=["hparams_search=sae_baselines"], return_hydra_config=True)
     value = cfg.hydra.sweeper.params["data.snapshots"]
     jobs = list(OverridesParser.create().parse_overrides([f"data.snapshots={value}"])[0].sweep_iterator())
     assert jobs == [[r] for r in cfg.model.revisions]
