@@ -2,9 +2,10 @@
 
 - ``quiet_library_noise()``: drops the library messages a user cannot act on (Lightning's pytree deprecation
   warning, its litlogger advertisement), so that the first lines of a run are the run's own.
-- ``check_types(cfg.crosscoder, "crosscoder")``: the values of a ``_target_`` config node against the type hints of
-  the constructor it names, at start-up, so that ``crosscoder.d_sae=abc`` names its key instead of failing deep
-  inside torch.
+- ``check_config(cfg)``: at start-up, every ``_target_`` node of the config (crosscoder, data, trainer, corpus,
+  callbacks, loggers, nested ones too) against the type hints of the constructor it names, and the ``model`` and
+  ``cache`` groups against their schemas (data/schema.py), so that ``crosscoder.d_sae=abc`` or ``model.layer=x``
+  names its key instead of failing deep inside torch.
 - ``run_summary()``: the lines a run ends with: what it reached (explained variance and L0 per snapshot, dead
   fraction), how long each stage took, where its files are and the next command.
 - ``one_line_errors()``: an error raised by this project's own code (a bad dataset folder, a config value, a
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -91,6 +93,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
@@ -99,25 +103,56 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
-def check_types(node, key: str) -> None:
-    """Each value of the config node ``key`` (a DictConfig with ``_target_``) against the type hints of the
-    ``_target_``'s constructor; ValueError naming the first key whose value does not fit."""
-    from omegaconf import OmegaConf
-    if node is None or "_target_" not in node:
-        return
+def _hints(node) -> dict[str, Any]:
     module, _, name = str(node._target_).rpartition(".")
     target = getattr(importlib.import_module(module), name)
     try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:  # noqa: BLE001 - hints that do not resolve are not checked
+        return {}
+
+
+def check_types(node, key: str, schema: type | None = None) -> None:
+    """Each value of the config node ``key`` against the type hints of its ``_target_``'s constructor (or of the
+    dataclass ``schema``); nested ``_target_`` nodes are checked too. ValueError naming the first key whose value
+    does not fit, or a key the schema requires and the node lacks."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    if not isinstance(node, DictConfig):
         return
-    values = OmegaConf.to_container(node, resolve=True)
-    for k, v in values.items():
-        if k.startswith("_") or k not in hints or isinstance(v, dict):
+    if schema is not None:
+        hints = typing.get_type_hints(schema)
+        required = [f.name for f in dataclasses.fields(schema)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in node]
+        if missing:
+            raise ValueError(f"{key}: missing key {missing[0]} (see {schema.__module__}.{schema.__name__})")
+    else:
+        hints = _hints(node) if "_target_" in node else {}
+    for k in node:
+        child = node._get_node(k)
+        if str(k).startswith("_"):
             continue
-        if not _matches(v, hints[k]):
+        if isinstance(child, (DictConfig, ListConfig)):
+            if isinstance(child, DictConfig):
+                check_types(child, f"{key}.{k}")
+                continue
+            for i, item in enumerate(child):  # e.g. trainer.plugins: a list of _target_ nodes
+                check_types(item, f"{key}.{k}.{i}")
+        if k not in hints:
+            continue
+        value = node[k]  # resolved: an interpolation may stand for a list
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not _matches(value, hints[k]):
             hint = getattr(hints[k], "__name__", None) or str(hints[k]).replace("typing.", "")
-            raise ValueError(f"{key}.{k}: {v!r} is not a valid value (expected {hint})")
+            raise ValueError(f"{key}.{k}: {value!r} is not a valid value (expected {hint})")
+
+
+def check_config(cfg) -> None:
+    """Every top-level group of the composed config (see the module docstring)."""
+    from data.schema import SCHEMAS
+    for key in cfg:
+        check_types(cfg._get_node(key), str(key), SCHEMAS.get(str(key)))
 
 
 def run_summary(metrics: dict[str, float], snapshot_names: list[str], stages: dict[str, float], run_dir: Path) -> str:

@@ -21,7 +21,7 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from cli import check_types, one_line_errors, quiet_library_noise, run_summary  # noqa: E402
+from cli import check_config, one_line_errors, quiet_library_noise, run_summary  # noqa: E402
 from data.format import write_atomic  # noqa: E402
 
 
@@ -44,8 +44,7 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    for key in ("crosscoder", "data"):  # a wrong type names its key before any work
-        check_types(cfg.get(key), key)
+    check_config(cfg)  # a wrong type names its key before any work
     L.seed_everything(cfg.seed, workers=True)
     clock = time.perf_counter()
     stages = {}

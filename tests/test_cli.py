@@ -63,3 +63,40 @@ def test_a_short_run_ends_with_its_summary_and_prints_no_library_noise(toy_datas
     assert per.count(" 0.") + per.count(" -") + per.count(" 1.") == 3, per
     assert "wall time: data setup" in summary and ", training " in summary  # data.path given: no cache stage
     assert f"python analyze.py run={tmp_path / 'run'}" in summary
+
+
+def compose_train(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["run_dir=/tmp/run", *overrides])
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=synthetic", "crosscoder=batchtopk"], ["experiment=paper_tiny"],
+                                       ["experiment=paper_pythia160m", "data=live", "corpus=pile"],
+                                       ["experiment=paper_pythia6.9b"], ["trainer=ddp", "crosscoder=jumprelu"],
+                                       ["model=pythia70m", "logger=none", "crosscoder=topk"]])
+def test_every_shipped_preset_passes_the_start_up_type_check(overrides):
+    from cli import check_config
+    check_config(compose_train(*overrides))  # no false alarm on what the project ships
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=abc", "trainer.max_steps: 'abc' is not a valid value (expected int)"),
+    ("trainer.precision=bf15", "trainer.precision: 'bf15' is not a valid value"),  # a Literal of Lightning's
+    ("callbacks.checkpoint.every_n_train_steps=1.5", "callbacks.checkpoint.every_n_train_steps: 1.5 is not"),
+    ("model.layer=mid", "model.layer: 'mid' is not a valid value (expected int)"),  # schema, no _target_
+    ("model.build.n_layers=four", "model.build.n_layers: 'four' is not"),  # a nested _target_
+    ("cache.n_tokens=1e6", "cache.n_tokens: 1000000.0 is not a valid value (expected int)"),
+    ("corpus.max_docs=all", "corpus.max_docs: 'all' is not"),
+    ("~model.layer", "model: missing key layer (see data.schema.ModelConfig)"),
+])
+def test_start_up_type_check_names_the_key_in_every_group(override, message):
+    from cli import check_config
+    with pytest.raises(ValueError) as err:
+        check_config(compose_train(override))
+    assert str(err.value).startswith(message)
+
+
+def test_a_trainer_value_of_the_wrong_type_is_one_line_through_the_cli(toy_dataset, tmp_path):
+    (line,) = error_lines(run_train(tmp_path, f"data.path={toy_dataset}", "trainer.max_steps=abc"))
+    assert line.startswith("error: trainer.max_steps: 'abc' is not a valid value (expected int)")
