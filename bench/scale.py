@@ -407,19 +407,11 @@ def _paper_training_step(S: int, D: int, F: int, B: int, path: str, device: str,
     """(crosscoder, batch, step): one training step in Lightning's order (forward under autocast, zero_grad
     (set_to_none), backward, fused Adam step), returning the forward's output."""
     import torch
+
+    from bench.step import training_step
     cc, x = _paper_setup(S, D, F, B, path, device)
     opt = torch.optim.Adam(cc.parameters(), lr=1e-5, fused=True)
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-
-    def step():
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
-            out = cc(x)
-            terms = cc.loss_terms(x, out)
-            loss = terms.mse + 0.3 * terms.sparsity
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return out
+    step = training_step(cc, x, opt, bf16=autocast, sparsity_weight=0.3)
     step.optimizer = opt
     return cc, x, step
 

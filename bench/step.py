@@ -107,14 +107,16 @@ def our_step(S: int, D: int, F: int, B: int, activation: str, bf16: bool, sparse
     return training_step(model, x, opt, bf16)
 
 
-def training_step(model: Crosscoder, x: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool):
-    """A closure for one step as CrosscoderModule takes it: forward (bf16 autocast or not), mse + sparsity,
-    zero_grad, backward, Adam; it returns the forward's output."""
+def training_step(model: Crosscoder, x: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool,
+                  sparsity_weight: float = 1.0):
+    """A closure for one step as CrosscoderModule takes it, in Lightning's order: forward (bf16 autocast on x's
+    device, or none), mse + sparsity_weight * sparsity, zero_grad(set_to_none), backward, Adam; it returns the
+    forward's output."""
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
             terms = model.loss_terms(x, out)
-            loss = terms.mse + terms.sparsity
+            loss = terms.mse + sparsity_weight * terms.sparsity
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
