@@ -49,7 +49,8 @@ class CrosscoderModule(L.LightningModule):
                  resample_every: int = 0,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
-        """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float < 1).
+        """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float <= 1: 1.0
+        is the end of training, so ``lr_decay_start=1.0`` means no decay, not step 1).
 
         norm_scale [S] and data_mean [S, D] (raw units) come from the datamodule; they initialise each
         crosscoder's ``scale`` buffer and ``b_dec`` (the mean of the normalised activations).
@@ -64,6 +65,11 @@ class CrosscoderModule(L.LightningModule):
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
         if optimizer not in ("adam", "adamw"):
             raise ValueError(f"crosscoder.optimizer: '{optimizer}' is not one of ('adam', 'adamw')")
+        for key in ("l1_warmup_steps", "lr_warmup_steps", "lr_decay_start"):
+            value = self.hparams[key]
+            if value < 0 or isinstance(value, float) and value > 1 and not value.is_integer():
+                raise ValueError(f"crosscoder.{key}={value}: give a step count (int) or a fraction of "
+                                 "trainer.max_steps in [0, 1]")
         d_saes, l1_coefs = _as_list(d_sae), _as_list(l1_coef)
         if len(d_saes) > 1 and len(l1_coefs) > 1 and len(d_saes) != len(l1_coefs):
             raise ValueError(f"crosscoder.d_sae {d_saes} and crosscoder.l1_coef {l1_coefs}: give lists of one "
@@ -105,7 +111,7 @@ class CrosscoderModule(L.LightningModule):
     # ---- schedules -----------------------------------------------------------------------------
     def _steps(self, value: int | float) -> int:
         total = max(int(self.trainer.max_steps), 1) if self._trainer is not None else 1
-        return int(value * total) if isinstance(value, float) and value < 1 else int(value)
+        return round(value * total) if isinstance(value, float) and value <= 1 else int(value)
 
     def l1_warmup_factor(self) -> float:
         warm = self._steps(self.hparams.l1_warmup_steps)

@@ -63,3 +63,25 @@ def test_optimiser_lr_and_l1_coef_follow_the_configured_schedule(toy_dataset, tm
     assert coef[4] == approx(l1 * 5 / 10)
     assert coef[9] == approx(l1)  # end of warm-up: the configured coefficient
     assert [coef[s] for s in range(9, 40)] == [approx(l1)] * 31
+
+
+class _FakeTrainer:
+    max_steps = 40
+
+
+@pytest.mark.parametrize("decay_start,start", [(1.0, 40), (1, 1), (0.5, 20), (39, 39)])
+def test_a_float_one_is_the_end_of_training_not_step_one(decay_start, start):
+    """lr_decay_start=1.0 reads as the whole run (no decay), 1 as step 1: the float/int rule of every schedule key."""
+    from crosscoder.module import CrosscoderModule
+    module = CrosscoderModule(2, 8, d_sae=16, lr_warmup_steps=0, lr_decay_start=decay_start, lr_final_factor=1 / 32)
+    module._trainer = _FakeTrainer()
+    assert module._steps(decay_start) == start
+    assert module.lr_factor(20) == approx(1.0 if start > 20 else 1 - (20 - start) / (39 - start) * (1 - 1 / 32))
+    assert module.lr_factor(39) == approx(1.0 if start > 39 else 1 / 32)
+
+
+@pytest.mark.parametrize("key,value", [("lr_decay_start", 1.5), ("lr_warmup_steps", -1), ("l1_warmup_steps", -0.1)])
+def test_a_schedule_key_that_is_neither_a_step_nor_a_fraction_is_named(key, value):
+    from crosscoder.module import CrosscoderModule
+    with pytest.raises(ValueError, match=rf"crosscoder.{key}={value}: give a step count"):
+        CrosscoderModule(2, 8, d_sae=16, **{key: value})
