@@ -28,6 +28,7 @@ from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
 from cli import one_line_errors, quiet_library_noise  # noqa: E402
 from data.format import atomic_path, write_atomic  # noqa: E402
+from data.run_folder import SWEEP_COLUMNS, TENSORBOARD_DIR, is_sweep_folder  # noqa: E402
 
 register()
 
@@ -60,7 +61,7 @@ def _baselines(cfg: DictConfig, run: run_files.RunFiles) -> list[dict]:
     job, or as one dictionary of a job that trained several)."""
     source = cfg.baselines
     if source is None:
-        source = next((p for p in run.run_dir.parents[:2] if (p / "sweep_summary.csv").is_file()), None)
+        source = next((p for p in run.run_dir.parents[:2] if is_sweep_folder(p)), None)
     return sweep.sae_baselines(sweep.collect_runs(source), run.names) if source is not None else []
 
 
@@ -73,8 +74,8 @@ def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Pat
     png = figures.save_figure(fig_attribution(facts, np.stack([r.ig for r in results]), table),
                               folder / attribution.FIGURE_NAME)
     if cfg.tensorboard:
-        attribution.log_scalars(facts, out / "tensorboard")
-        figures.log_to_tensorboard([png], out / "tensorboard")
+        attribution.log_scalars(facts, out / TENSORBOARD_DIR)
+        figures.log_to_tensorboard([png], out / TENSORBOARD_DIR)
     check = facts["causal_check"]
     print(f"attribution ({facts['task']}): learned at {check['learned_snapshots']} of {len(results)} snapshots (test "
           f"prompts); causal check at k={check['k']} passed at {check['passed']}; {folder}")
@@ -103,7 +104,7 @@ def analyze_run(cfg: DictConfig) -> Path:
     write_atomic(out / "summary.json", json.dumps(facts, indent=1))
     pngs = figures.run_figures(table, facts, out)
     if cfg.tensorboard:
-        figures.log_to_tensorboard(pngs, out / "tensorboard")
+        figures.log_to_tensorboard(pngs, out / TENSORBOARD_DIR)
     entries = []
     if stats is not None:
         entries = browser.browser_entries(table, stats, names, steps, cfg.n_browser_features,
@@ -131,8 +132,8 @@ def analyze_sweep(cfg: DictConfig) -> Path:
     pngs = [figures.save_figure(sweep.fig_pareto(runs), out / "fig5_pareto.png"),
             figures.save_figure(sweep.fig_crosscoder_vs_sae(runs), out / "fig5_crosscoder_vs_sae.png")]
     if cfg.tensorboard:
-        figures.log_to_tensorboard(pngs, out / "tensorboard")
-    cols = ["job", "kind", "snapshots", "d_sae", "l1_coef", "activation", "l0", "explained_variance", "dead_fraction"]
+        figures.log_to_tensorboard(pngs, out / TENSORBOARD_DIR)
+    cols = ["job", "kind", "snapshots", *SWEEP_COLUMNS]
     sections = [("Runs", report.table_html(cols, runs[cols].astype(object).where(runs[cols].notna(), None)
                                            .values.tolist())),
                 ("Figures", "".join(report.figure_html(p, CAPTIONS[p.stem]) for p in pngs))]
