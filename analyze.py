@@ -85,19 +85,19 @@ def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Pat
 def analyze_run(cfg: DictConfig) -> Path:
     run = run_files.load_run(cfg.run, device=cfg.device)
     out = _out_dir(cfg, run.run_dir / "analysis")
-    names, steps, model = run.names, run.steps, run.model
+    names, steps, crosscoder = run.names, run.steps, run.crosscoder
     views = sorted(set(np.linspace(0, len(names) - 1, max(cfg.browser_snapshots, 0)).round().astype(int).tolist()))
     stats = None
     if run.manifest is not None:
-        stats = activation_pass(model, run.data_path, run.manifest, run.val_shards, cfg.max_tokens, cfg.batch_size,
+        stats = activation_pass(crosscoder, run.data_path, run.manifest, run.val_shards, cfg.max_tokens, cfg.batch_size,
                                 cfg.active_threshold, views, cfg.n_contexts, cfg.device)
-    table = evolution.feature_table(model.W_dec, names, steps, cfg.emergence_fraction,
+    table = evolution.feature_table(crosscoder.W_dec, names, steps, cfg.emergence_fraction,
                                     stats.fired if stats else None, stats.active if stats else None)
     present = evolution.presence(evolution.norm_matrix(table, names), cfg.emergence_fraction)
-    projection = evolution.projection_matrix(model.W_dec, present & (table.category != "dead").to_numpy()[:, None])
+    projection = evolution.projection_matrix(crosscoder.W_dec, present & (table.category != "dead").to_numpy()[:, None])
     facts = summary.build_summary(
         run_dir=str(run.run_dir), names=names, steps=steps, table=table, metrics=run.metrics, stats=stats,
-        projection=projection, d_model=model.d_model, activation=model.activation,
+        projection=projection, d_model=crosscoder.d_model, activation=crosscoder.activation,
         emergence_fraction=cfg.emergence_fraction, active_threshold=cfg.active_threshold,
         loss_curve=run_files.find_loss_curve(run), baselines=_baselines(cfg, run))
     evolution.save_table(table, out)

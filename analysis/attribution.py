@@ -278,7 +278,7 @@ def run(run_files: RunFiles, cfg: Any, device: str = "cpu") -> tuple[Any, TaskPr
     if prompts.clean.shape[1] <= site.drop_first:
         raise ValueError(f"attribution: prompts of {prompts.clean.shape[1]} tokens leave nothing after the "
                          f"{site.drop_first} dropped start position(s)")
-    crosscoder = run_files.model.to(device).eval().requires_grad_(False)
+    crosscoder = run_files.crosscoder.to(device).eval().requires_grad_(False)
     B = cfg.batch_size
     acts_clean, acts_corr = [], []
     for name in tqdm(names, desc=f"{task.name}: activations", unit="snapshot", dynamic_ncols=True):

@@ -27,7 +27,7 @@ TokenDecoder = Callable[[int], str]
 @dataclass
 class RunFiles:
     run_dir: Path
-    model: Crosscoder
+    crosscoder: Crosscoder  # the trained dictionary (``model`` elsewhere is the suite's config or an HF model)
     config: DictConfig  # empty when config.yaml is missing
     metrics: dict[str, Any]  # empty when metrics.json is missing
     manifest: Manifest | None  # None when the dataset folder cannot be read
@@ -37,7 +37,7 @@ class RunFiles:
 
     @property
     def names(self) -> list[str]:
-        return self.model.snapshot_names
+        return self.crosscoder.snapshot_names
 
 
 def select(config: DictConfig, key: str, default: Any = None) -> Any:
@@ -47,11 +47,11 @@ def select(config: DictConfig, key: str, default: Any = None) -> Any:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> RunFiles:
     run_dir = check_run_folder(run_dir)
-    model = Crosscoder.load(run_dir, device=device).eval()
+    crosscoder = Crosscoder.load(run_dir, device=device).eval()
     config, metrics = read_config(run_dir), read_metrics(run_dir)
     data_path, manifest = _dataset(run_dir, config)
-    return RunFiles(run_dir=run_dir, model=model, config=config, metrics=metrics, manifest=manifest,
-                    data_path=data_path, steps=snapshot_steps(model.snapshot_names, manifest),
+    return RunFiles(run_dir=run_dir, crosscoder=crosscoder, config=config, metrics=metrics, manifest=manifest,
+                    data_path=data_path, steps=snapshot_steps(crosscoder.snapshot_names, manifest),
                     val_shards=_val_shards(config, manifest, data_path))
 
 
