@@ -22,7 +22,7 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from analysis import attribution, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
+from analysis import attribution, attribution_summary, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
 from analysis.activations import activation_pass  # noqa: E402
 from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
@@ -68,13 +68,13 @@ def _baselines(cfg: DictConfig, run: run_files.RunFiles) -> list[dict]:
 def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Path:
     """The task's attribution at every snapshot -> <out>/attribution/<task>/ (and TensorBoard)."""
     task, prompts, site, results, split = attribution.run(run, cfg.attribution, cfg.device)
-    facts = attribution.summarise(task, prompts, site, results, table, cfg.attribution, split)
+    facts = attribution_summary.summarise(task, prompts, site, results, table, cfg.attribution, split)
     folder = out / "attribution" / facts["task"]  # <task>, or <task>_local for attribution.code=local
-    attribution.save(facts, results, folder)
+    attribution_summary.save(facts, results, folder)
     png = figures.save_figure(fig_attribution(facts, np.stack([r.ig for r in results]), table),
-                              folder / attribution.FIGURE_NAME)
+                              folder / attribution_summary.FIGURE_NAME)
     if cfg.tensorboard:
-        attribution.log_scalars(facts, out / TENSORBOARD_DIR)
+        attribution_summary.log_scalars(facts, out / TENSORBOARD_DIR)
         figures.log_to_tensorboard([png], out / TENSORBOARD_DIR)
     check = facts["causal_check"]
     print(f"attribution ({facts['task']}): learned at {check['learned_snapshots']} of {len(results)} snapshots (test "
@@ -113,7 +113,7 @@ def analyze_run(cfg: DictConfig) -> Path:
     write_atomic(out / "browser.json", json.dumps(summary.clean(entries), indent=1))
     if cfg.attribution is not None:
         attribute(cfg, run, table, out)
-    done = [(r, out / "attribution" / r["task"] / attribution.FIGURE_NAME) for r in attribution.load_results(out)]
+    done = [(r, out / "attribution" / r["task"] / attribution_summary.FIGURE_NAME) for r in attribution_summary.load_results(out)]
     page = report.run_report(facts, [(p, CAPTIONS[p.stem]) for p in pngs], entries, out / "report.html",
                              [(r, fig if fig.is_file() else None) for r, fig in done])
     print(f"analysis of {run.run_dir}: {facts['categories']}, turning point step {facts['turning_point_step']}\n"

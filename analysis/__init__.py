@@ -12,6 +12,7 @@ The pipeline, one module each:
     tasks        prompt pairs and logit-difference metrics for attribution (induction, ioi, sva)
     splice       the crosscoder written into a snapshot model at its hook (reconstruction + error term)
     attribution  a task's metric attributed to features at every snapshot, and the causal check
+    attribution_summary  attribution.json (and its CSV, NPZ, TensorBoard scalars) from those results
     attribution_figure  figure 7: the metric over snapshots beside the features that carry it
 analyze.py composes them.
 """

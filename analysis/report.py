@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.attribution import at_k
+from analysis.attribution_summary import at_k
 from data.format import write_atomic
 
 CSS = """
@@ -87,7 +87,7 @@ def _mean_sd(mean: float | None, sd: float | None) -> str | None:
 
 
 def attribution_html(result: dict, figure: Path | None) -> str:
-    """One task's attribution (analysis/attribution.py summarise): verdict, figure, per-snapshot table, top features.
+    """One task's attribution (analysis/attribution_summary.py summarise): verdict, figure, per-snapshot table, top features.
     Shares of a gap below min_gap are shown as "–" (attribution.json has them as null)."""
     k = result["show_k"]
     check = result["causal_check"]
