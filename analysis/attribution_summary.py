@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from data.format import atomic_path, write_atomic
+from data.format import atomic_path
 
 if TYPE_CHECKING:
     from analysis.attribution import Site, SnapshotAttribution
@@ -132,9 +132,9 @@ def top_features_frame(summary: dict) -> pd.DataFrame:
 
 def save(summary: dict, results: list[SnapshotAttribution], out: Path) -> None:
     """attribution.json, top_features.csv and attribution.npz ([S, F] ig / atp, every feature) in ``out``."""
-    from analysis.summary import clean
+    from analysis.summary import write_json
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / RESULT_FILE, json.dumps(clean(summary), indent=1))
+    write_json(out / RESULT_FILE, summary)
     with atomic_path(out / "top_features.csv") as tmp:
         top_features_frame(summary).to_csv(tmp, index=False)
     with atomic_path(out / "attribution.npz", suffix=".npz") as tmp:
@@ -142,9 +142,19 @@ def save(summary: dict, results: list[SnapshotAttribution], out: Path) -> None:
                             ig=np.stack([r.ig for r in results]), atp=np.stack([r.atp for r in results]))
 
 
-def load_results(analysis_dir: Path) -> list[dict]:
-    """Every attribution.json under <analysis>/attribution/<task>/, by task name."""
-    return [json.loads(p.read_text()) for p in sorted((analysis_dir / "attribution").glob(f"*/{RESULT_FILE}"))]
+def task_dir(analysis_dir: Path, task: str) -> Path:
+    """Where a task's attribution goes: <analysis>/attribution/<task>/ (<task>_local for attribution.code=local)."""
+    return Path(analysis_dir) / "attribution" / task
+
+
+def load_results(analysis_dir: Path) -> list[tuple[dict, Path | None]]:
+    """Every attribution.json under <analysis>/attribution/<task>/, by task name, with its figure (None when it
+    was not drawn)."""
+    out = []
+    for path in sorted((Path(analysis_dir) / "attribution").glob(f"*/{RESULT_FILE}")):
+        figure = path.parent / FIGURE_NAME
+        out.append((json.loads(path.read_text()), figure if figure.is_file() else None))
+    return out
 
 
 def log_scalars(summary: dict, log_dir: Path) -> None:

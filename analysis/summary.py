@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import pandas as pd
 
 from analysis.activations import PassStats
 from analysis.evolution import CATEGORIES
+from data.format import write_atomic
 
 
 def emerged_fraction(table: pd.DataFrame, n_snapshots: int) -> np.ndarray:
@@ -84,6 +87,12 @@ def build_summary(*, run_dir: str, names: list[str], steps: list[int], table: pd
         "loss_curve": {"steps": loss_curve[0], "loss": loss_curve[1]} if loss_curve else None,
         "baselines": baselines or [],
     })
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """``value`` made JSON-safe (clean) as indented JSON, written atomically."""
+    write_atomic(path, json.dumps(clean(value), indent=1))
+    return path
 
 
 def clean(value: Any) -> Any:

@@ -21,12 +21,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from analysis.figures import log_x, set_step_axis  # noqa: E402
+from analysis.figures import log_x, save_figure, set_step_axis  # noqa: E402
 from analysis.run_files import select, snapshot_steps  # noqa: E402
-from data.format import FormatError, read_manifest  # noqa: E402
+from data.format import FormatError, atomic_path, read_manifest  # noqa: E402
 from data.run_folder import SWEEP_COLUMNS, WEIGHTS_NAME, finished_runs, has_metrics, read_config, read_metrics  # noqa: E402
 
 L0_DEFINITION = "L0 = latents with f > 0 per held-out token (training validation, val/l0), for crosscoders and SAEs alike"
+CAPTIONS = {  # the report's caption of each sweep figure, by file stem
+    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2). "
+                   f"{L0_DEFINITION}.",
+    "fig5_crosscoder_vs_sae": "5b. Crosscoders against single-snapshot SAEs trained on the same data "
+                              f"(paper Fig. 3c). {L0_DEFINITION}.",
+}
 
 
 def run_folders(source: str | Path | list) -> list[Path]:
@@ -220,3 +226,17 @@ def sweep_summary(runs: pd.DataFrame) -> dict:
         front = g.iloc[pareto_front(g.l0.to_numpy(), g.explained_variance.to_numpy())]
         out["frontier"][kind] = front[["job", "d_sae", "l1_coef", "l0", "explained_variance"]].to_dict("records")
     return out
+
+
+def sweep_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write figures 5a and 5b as PNG into out_dir; returns their paths."""
+    return [save_figure(fig_pareto(runs), out_dir / "fig5_pareto.png"),
+            save_figure(fig_crosscoder_vs_sae(runs), out_dir / "fig5_crosscoder_vs_sae.png")]
+
+
+def save_tables(runs: pd.DataFrame, out_dir: Path) -> None:
+    """runs.csv (one row per run) and sweep_analysis.json (sweep_summary) in out_dir."""
+    from analysis.summary import write_json
+    with atomic_path(out_dir / "runs.csv") as tmp:
+        runs.to_csv(tmp, index=False)
+    write_json(out_dir / "sweep_analysis.json", sweep_summary(runs))
