@@ -1,7 +1,7 @@
 """Reading a trained crosscoder: the paper's feature-evolution analyses (docs/ANALYSIS.md).
 
 The pipeline, one module each:
-    run_files    a run folder -> model, config, metrics, dataset, snapshot steps, tokenizer, loss curve
+    run_files    a run folder -> crosscoder, config, metrics, dataset, snapshot steps, tokenizer, loss curve
     activations  one pass over cached tokens -> firing counts, per-snapshot EV / L0, top contexts
     evolution    decoder norms (+ firing) -> the per-feature table (features.parquet) and projections
     summary      table + pass -> summary.json (everything the figures show)

@@ -61,3 +61,9 @@ def test_config_and_metrics_round_trip_and_the_sub_run_config(tmp_path: Path):
     assert sub["crosscoder"] == {"d_sae": 64, "l1_coef": 1.0} and sub["run_dir"] == str(tmp_path / name)
     rf.write_sub_run_config(tmp_path, "", d_sae=1)  # a lone dictionary is the run folder itself: nothing to write
     assert rf.dictionary_dir(tmp_path, "") == tmp_path
+
+
+def test_load_run_names_a_missing_run_folder(tmp_path: Path):
+    from analysis.run_files import load_run
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'gone'}: no such run folder"):
+        load_run(tmp_path / "gone")
