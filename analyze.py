@@ -12,7 +12,6 @@ This file only composes the pieces in analysis/ (definitions: docs/ANALYSIS.md).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,31 +21,14 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from analysis import attribution, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
-from analysis.activations import activation_pass  # noqa: E402
+from analysis import attribution, attribution_summary, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
+from analysis.activations import activation_pass, browser_views  # noqa: E402
 from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
 from cli import one_line_errors, quiet_library_noise  # noqa: E402
-from data.format import atomic_path, write_atomic  # noqa: E402
+from data.run_folder import TENSORBOARD_DIR, is_sweep_folder  # noqa: E402
 
 register()
-
-CAPTIONS = {
-    "fig1_decoder_norms": "1. Decoder norm of every live feature at each snapshot, relative to its maximum, "
-                          "features sorted by emergence (paper Fig. 4).",
-    "fig2_emergence_lifetime": "2. (a) How many features emerge and peak at each snapshot; (b) lifetimes in "
-                               "snapshots, by category (paper Fig. 5a, 5b).",
-    "fig3_projection": "3. Mean cosine between a feature's decoder at snapshot i and at snapshot j, over "
-                       "features present at both (paper Fig. 5c).",
-    "fig4_ev_l0": "4. Explained variance and L0 per snapshot, with single-snapshot SAEs where known "
-                  "(paper Fig. 3a, 3b).",
-    "fig6_turning_point": "6. Share of live features emerged by each step; the dashed line marks the step "
-                          "where half have, beside the model's own loss curve when the suite saved one.",
-    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2). "
-                   f"{sweep.L0_DEFINITION}.",
-    "fig5_crosscoder_vs_sae": "5b. Crosscoders against single-snapshot SAEs trained on the same data "
-                              f"(paper Fig. 3c). {sweep.L0_DEFINITION}.",
-}
 
 
 def _out_dir(cfg: DictConfig, default: Path) -> Path:
@@ -60,21 +42,21 @@ def _baselines(cfg: DictConfig, run: run_files.RunFiles) -> list[dict]:
     job, or as one dictionary of a job that trained several)."""
     source = cfg.baselines
     if source is None:
-        source = next((p for p in run.run_dir.parents[:2] if (p / "sweep_summary.csv").is_file()), None)
+        source = next((p for p in run.run_dir.parents[:2] if is_sweep_folder(p)), None)
     return sweep.sae_baselines(sweep.collect_runs(source), run.names) if source is not None else []
 
 
 def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Path:
     """The task's attribution at every snapshot -> <out>/attribution/<task>/ (and TensorBoard)."""
     task, prompts, site, results, split = attribution.run(run, cfg.attribution, cfg.device)
-    facts = attribution.summarise(task, prompts, site, results, table, cfg.attribution, split)
-    folder = out / "attribution" / facts["task"]  # <task>, or <task>_local for attribution.code=local
-    attribution.save(facts, results, folder)
+    facts = attribution_summary.summarise(task, prompts, site, results, table, cfg.attribution, split)
+    folder = attribution_summary.task_dir(out, facts["task"])
+    attribution_summary.save(facts, results, folder)
     png = figures.save_figure(fig_attribution(facts, np.stack([r.ig for r in results]), table),
-                              folder / attribution.FIGURE_NAME)
+                              folder / attribution_summary.FIGURE_NAME)
     if cfg.tensorboard:
-        attribution.log_scalars(facts, out / "tensorboard")
-        figures.log_to_tensorboard([png], out / "tensorboard")
+        attribution_summary.log_scalars(facts, out / TENSORBOARD_DIR)
+        figures.log_to_tensorboard([png], out / TENSORBOARD_DIR)
     check = facts["causal_check"]
     print(f"attribution ({facts['task']}): learned at {check['learned_snapshots']} of {len(results)} snapshots (test "
           f"prompts); causal check at k={check['k']} passed at {check['passed']}; {folder}")
@@ -84,37 +66,34 @@ def attribute(cfg: DictConfig, run: run_files.RunFiles, table, out: Path) -> Pat
 def analyze_run(cfg: DictConfig) -> Path:
     run = run_files.load_run(cfg.run, device=cfg.device)
     out = _out_dir(cfg, run.run_dir / "analysis")
-    names, steps, model = run.names, run.steps, run.model
-    views = sorted(set(np.linspace(0, len(names) - 1, max(cfg.browser_snapshots, 0)).round().astype(int).tolist()))
+    names, steps, crosscoder = run.names, run.steps, run.crosscoder
     stats = None
     if run.manifest is not None:
-        stats = activation_pass(model, run.data_path, run.manifest, run.val_shards, cfg.max_tokens, cfg.batch_size,
-                                cfg.active_threshold, views, cfg.n_contexts, cfg.device)
-    table = evolution.feature_table(model.W_dec, names, steps, cfg.emergence_fraction,
+        stats = activation_pass(crosscoder, run.data_path, run.manifest, run.val_shards, cfg.max_tokens, cfg.batch_size,
+                                cfg.active_threshold, browser_views(len(names), cfg.browser_snapshots), cfg.n_contexts,
+                                cfg.device)
+    table = evolution.feature_table(crosscoder.W_dec, names, steps, cfg.emergence_fraction,
                                     stats.fired if stats else None, stats.active if stats else None)
-    present = evolution.presence(evolution.norm_matrix(table, names), cfg.emergence_fraction)
-    projection = evolution.projection_matrix(model.W_dec, present & (table.category != "dead").to_numpy()[:, None])
     facts = summary.build_summary(
         run_dir=str(run.run_dir), names=names, steps=steps, table=table, metrics=run.metrics, stats=stats,
-        projection=projection, d_model=model.d_model, activation=model.activation,
-        emergence_fraction=cfg.emergence_fraction, active_threshold=cfg.active_threshold,
-        loss_curve=run_files.find_loss_curve(run), baselines=_baselines(cfg, run))
+        projection=evolution.live_projection(crosscoder.W_dec, table, names, cfg.emergence_fraction),
+        d_model=crosscoder.d_model, activation=crosscoder.activation, emergence_fraction=cfg.emergence_fraction,
+        active_threshold=cfg.active_threshold, loss_curve=run_files.find_loss_curve(run), baselines=_baselines(cfg, run))
     evolution.save_table(table, out)
-    write_atomic(out / "summary.json", json.dumps(facts, indent=1))
+    summary.write_json(out / "summary.json", facts)
     pngs = figures.run_figures(table, facts, out)
     if cfg.tensorboard:
-        figures.log_to_tensorboard(pngs, out / "tensorboard")
+        figures.log_to_tensorboard(pngs, out / TENSORBOARD_DIR)
     entries = []
     if stats is not None:
         entries = browser.browser_entries(table, stats, names, steps, cfg.n_browser_features,
                                           run_files.load_token_decoder(run), cfg.context_before,
                                           cfg.context_after, cfg.seed)
-    write_atomic(out / "browser.json", json.dumps(summary.clean(entries), indent=1))
+    summary.write_json(out / "browser.json", entries)
     if cfg.attribution is not None:
         attribute(cfg, run, table, out)
-    done = [(r, out / "attribution" / r["task"] / attribution.FIGURE_NAME) for r in attribution.load_results(out)]
-    page = report.run_report(facts, [(p, CAPTIONS[p.stem]) for p in pngs], entries, out / "report.html",
-                             [(r, fig if fig.is_file() else None) for r, fig in done])
+    page = report.run_report(facts, [(p, figures.CAPTIONS[p.stem]) for p in pngs], entries, out / "report.html",
+                             attribution_summary.load_results(out))
     print(f"analysis of {run.run_dir}: {facts['categories']}, turning point step {facts['turning_point_step']}\n"
           f"report: {page}")
     return out
@@ -124,21 +103,11 @@ def analyze_sweep(cfg: DictConfig) -> Path:
     extra = cfg.baselines if OmegaConf.is_list(cfg.baselines) else [cfg.baselines] if cfg.baselines else []
     runs = sweep.collect_runs([str(cfg.sweep), *map(str, extra)])
     out = _out_dir(cfg, Path(cfg.sweep) / "analysis")
-    with atomic_path(out / "runs.csv") as tmp:
-        runs.to_csv(tmp, index=False)
-    facts = summary.clean(sweep.sweep_summary(runs))
-    write_atomic(out / "sweep_analysis.json", json.dumps(facts, indent=1))
-    pngs = [figures.save_figure(sweep.fig_pareto(runs), out / "fig5_pareto.png"),
-            figures.save_figure(sweep.fig_crosscoder_vs_sae(runs), out / "fig5_crosscoder_vs_sae.png")]
+    sweep.save_tables(runs, out)
+    pngs = sweep.sweep_figures(runs, out)
     if cfg.tensorboard:
-        figures.log_to_tensorboard(pngs, out / "tensorboard")
-    cols = ["job", "kind", "snapshots", "d_sae", "l1_coef", "activation", "l0", "explained_variance", "dead_fraction"]
-    sections = [("Runs", report.table_html(cols, runs[cols].astype(object).where(runs[cols].notna(), None)
-                                           .values.tolist())),
-                ("Figures", "".join(report.figure_html(p, CAPTIONS[p.stem]) for p in pngs))]
-    page = out / "report.html"
-    write_atomic(page, report.render(f"Sweep analysis: {Path(cfg.sweep).name}", sections,
-                                     f'<p class="meta">{len(runs)} runs from {cfg.sweep}</p>'))
+        figures.log_to_tensorboard(pngs, out / TENSORBOARD_DIR)
+    page = report.sweep_report(runs, [(p, sweep.CAPTIONS[p.stem]) for p in pngs], cfg.sweep, out / "report.html")
     print(f"sweep of {len(runs)} runs; report: {page}")
     return out
 

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from data.run_folder import TENSORBOARD_DIR
+
 ROOT = Path(__file__).resolve().parent
 # the kinds of error the project raises for bad input (data/format.py's FormatError is a ValueError)
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, OSError, KeyError, FloatingPointError)
@@ -166,6 +168,6 @@ def run_summary(metrics: dict[str, float], snapshot_names: list[str], stages: di
         if all(v is not None for _, v in per):
             lines.append("  explained variance per snapshot: " + ", ".join(f"{n} {v:.3f}" for n, v in per))
     lines.append("  wall time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items()))
-    lines += [f"  run folder:  {run_dir}", f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}",
+    lines += [f"  run folder:  {run_dir}", f"  tensorboard: tensorboard --logdir {run_dir / TENSORBOARD_DIR}",
               f"  next:        python analyze.py run={run_dir}"]
     return "\n".join(lines)

@@ -19,10 +19,10 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from cli import check_config, one_line_errors, quiet_library_noise, run_summary  # noqa: E402
-from data.format import write_atomic  # noqa: E402
+from data.run_folder import LAST_CHECKPOINT, write_config  # noqa: E402
 
 
 def dataset_path(cfg: DictConfig) -> str:
@@ -37,7 +37,7 @@ def dataset_path(cfg: DictConfig) -> str:
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     """``resume=true`` continues from this run folder's last checkpoint when there is one."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / LAST_CHECKPOINT
     if cfg.resume and last.is_file():
         return str(last)
     return cfg.ckpt_path
@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if getattr(datamodule, "repo", None) and "model" in cfg and not cfg.model.get("repo"):
         with open_dict(cfg):  # a live run records the suite it built, for analysis (as a cache's manifest does)
             cfg.model.repo = datamodule.repo
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_config(run_dir, cfg)
     module = instantiate(cfg.crosscoder, n_snapshots=datamodule.n_snapshots, d_model=datamodule.d_model,
                          snapshot_names=datamodule.snapshot_names, norm_scale=datamodule.norm_scale(),
                          data_mean=datamodule.raw_mean())

@@ -96,6 +96,12 @@ def active_thresholds(model: Crosscoder, active_threshold: float) -> torch.Tenso
     return torch.where(norms > 0, tau / norms.clamp(min=1e-30), torch.full_like(norms, math.inf))
 
 
+def browser_views(n_snapshots: int, n_views: int) -> list[int]:
+    """Indices of ``n_views`` evenly spaced snapshots (first and last included) whose own encoder term the feature
+    browser ranks contexts by."""
+    return sorted(set(np.linspace(0, n_snapshots - 1, max(n_views, 0)).round().astype(int).tolist()))
+
+
 @torch.no_grad()
 def activation_pass(model: Crosscoder, data_path: Path, manifest: Manifest, val_shards: int, max_tokens: int | None,
                     batch_size: int, active_threshold: float, view_snapshots: list[int], n_contexts: int,

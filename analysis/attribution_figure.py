@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.attribution import at_k
+from analysis.attribution_summary import at_k
 from analysis.figures import cell_edges, log_x, plt, set_step_axis, step_label
 
 MAX_CARRIERS = 24  # feature rows drawn

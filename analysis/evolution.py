@@ -141,6 +141,13 @@ def projection_matrix(W_dec: torch.Tensor, present: np.ndarray, chunk: int = CHU
     return mean.numpy(), count.numpy()
 
 
+def live_projection(W_dec: torch.Tensor, table: pd.DataFrame, names: list[str],
+                    emergence_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """projection_matrix over the live features, each counted at the snapshots where it is present (figure 3)."""
+    present = presence(norm_matrix(table, names), emergence_fraction)
+    return projection_matrix(W_dec, present & (table.category != "dead").to_numpy()[:, None])
+
+
 def save_table(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """features.parquet and features.csv, each written to a temp name and renamed."""
     paths = []

@@ -214,6 +214,20 @@ def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     return path
 
 
+CAPTIONS = {  # the report's caption of each run figure, by file stem
+    "fig1_decoder_norms": "1. Decoder norm of every live feature at each snapshot, relative to its maximum, "
+                          "features sorted by emergence (paper Fig. 4).",
+    "fig2_emergence_lifetime": "2. (a) How many features emerge and peak at each snapshot; (b) lifetimes in "
+                               "snapshots, by category (paper Fig. 5a, 5b).",
+    "fig3_projection": "3. Mean cosine between a feature's decoder at snapshot i and at snapshot j, over "
+                       "features present at both (paper Fig. 5c).",
+    "fig4_ev_l0": "4. Explained variance and L0 per snapshot, with single-snapshot SAEs where known "
+                  "(paper Fig. 3a, 3b).",
+    "fig6_turning_point": "6. Share of live features emerged by each step; the dashed line marks the step "
+                          "where half have, beside the model's own loss curve when the suite saved one.",
+}
+
+
 def run_figures(table: pd.DataFrame, summary: dict, out_dir: Path) -> list[Path]:
     """Write the five run figures (1-4 and 6) as PNG into out_dir; returns their paths."""
     figures = {

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.attribution import at_k
+from analysis.attribution_summary import at_k
 from data.format import write_atomic
+from data.run_folder import SWEEP_COLUMNS
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -87,7 +88,7 @@ def _mean_sd(mean: float | None, sd: float | None) -> str | None:
 
 
 def attribution_html(result: dict, figure: Path | None) -> str:
-    """One task's attribution (analysis/attribution.py summarise): verdict, figure, per-snapshot table, top features.
+    """One task's attribution (analysis/attribution_summary.py summarise): verdict, figure, per-snapshot table, top features.
     Shares of a gap below min_gap are shown as "–" (attribution.json has them as null)."""
     k = result["show_k"]
     check = result["causal_check"]
@@ -164,4 +165,14 @@ def run_report(summary: dict, figures: list[tuple[Path, str]], browser: list[dic
                 *[(f"Attribution: {r['task']}", attribution_html(r, fig)) for r, fig in attributions],
                 ("Feature browser", browser_html(browser, steps))]
     write_atomic(out_path, render(f"Crosscoder analysis: {Path(summary['run']).name}", sections, intro))
+    return out_path
+
+
+def sweep_report(runs, figures: list[tuple[Path, str]], sweep_dir: str | Path, out_path: Path) -> Path:
+    """The sweep's report.html: one row per run (a pandas frame from analysis.sweep.collect_runs) and the figures."""
+    cols = ["job", "kind", "snapshots", *SWEEP_COLUMNS]
+    rows = runs[cols].astype(object).where(runs[cols].notna(), None).values.tolist()
+    sections = [("Runs", table_html(cols, rows)), ("Figures", "".join(figure_html(p, c) for p, c in figures))]
+    write_atomic(out_path, render(f"Sweep analysis: {Path(sweep_dir).name}", sections,
+                                  f'<p class="meta">{len(runs)} runs from {sweep_dir}</p>'))
     return out_path

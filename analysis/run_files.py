@@ -1,12 +1,9 @@
-"""A run folder written by train.py, opened for analysis.
+"""A run folder written by train.py (layout: data/run_folder.py), opened for analysis.
 
-    <run>/crosscoder.safetensors   weights + per-snapshot ``scale`` (normalised = raw * scale)
-    <run>/config.yaml              resolved config: data.path (dataset folder), data.val_shards (null: the dataset's
-                                   recorded split), model.*
-    <run>/metrics.json             final validation metrics ("val/explained_variance/<snapshot>", ...)
-
-Everything but the weights is optional: a run whose dataset has moved is still analysed from its
-decoders (no activation pass), and a suite without a tokenizer shows token ids.
+Read from config.yaml: data.path (dataset folder), data.val_shards (null: the dataset's recorded split) and
+model.repo (the suite: a local folder or a hub id). Everything but the weights is optional: a run whose
+dataset has moved is still analysed from its decoders (no activation pass), and a suite without a tokenizer
+shows token ids.
 """
 
 from __future__ import annotations
@@ -20,8 +17,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from crosscoder.model import WEIGHTS_NAME, Crosscoder
+from crosscoder.model import Crosscoder
 from data.format import MANIFEST_NAME, FormatError, Manifest, read_manifest, val_shard_count
+from data.run_folder import CONFIG_NAME, check_run_folder, read_config, read_metrics
 
 TokenDecoder = Callable[[int], str]
 
@@ -29,7 +27,7 @@ TokenDecoder = Callable[[int], str]
 @dataclass
 class RunFiles:
     run_dir: Path
-    model: Crosscoder
+    crosscoder: Crosscoder  # the trained dictionary (``model`` elsewhere is the suite's config or an HF model)
     config: DictConfig  # empty when config.yaml is missing
     metrics: dict[str, Any]  # empty when metrics.json is missing
     manifest: Manifest | None  # None when the dataset folder cannot be read
@@ -39,7 +37,7 @@ class RunFiles:
 
     @property
     def names(self) -> list[str]:
-        return self.model.snapshot_names
+        return self.crosscoder.snapshot_names
 
 
 def select(config: DictConfig, key: str, default: Any = None) -> Any:
@@ -48,22 +46,12 @@ def select(config: DictConfig, key: str, default: Any = None) -> Any:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> RunFiles:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder")
-    if not (run_dir / WEIGHTS_NAME).is_file():
-        inner = sorted({p.parent.name for name in (WEIGHTS_NAME, "metrics.json") for p in run_dir.glob(f"*/{name}")})
-        if inner:  # train.py with several l1_coef values: one complete run folder per dictionary
-            raise FileNotFoundError(f"{run_dir}: holds {len(inner)} dictionaries ({', '.join(inner)}): analyse one "
-                                    f"with run={run_dir}/<name>, or compare them with sweep={run_dir}")
-    model = Crosscoder.load(run_dir, device=device).eval()
-    config_path = run_dir / "config.yaml"
-    config = OmegaConf.load(config_path) if config_path.is_file() else OmegaConf.create({})
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    run_dir = check_run_folder(run_dir)
+    crosscoder = Crosscoder.load(run_dir, device=device).eval()
+    config, metrics = read_config(run_dir), read_metrics(run_dir)
     data_path, manifest = _dataset(run_dir, config)
-    return RunFiles(run_dir=run_dir, model=model, config=config, metrics=metrics, manifest=manifest,
-                    data_path=data_path, steps=snapshot_steps(model.snapshot_names, manifest),
+    return RunFiles(run_dir=run_dir, crosscoder=crosscoder, config=config, metrics=metrics, manifest=manifest,
+                    data_path=data_path, steps=snapshot_steps(crosscoder.snapshot_names, manifest),
                     val_shards=_val_shards(config, manifest, data_path))
 
 
@@ -89,7 +77,7 @@ def _dataset(run_dir: Path, config: DictConfig) -> tuple[Path | None, Manifest |
     try:
         return path, read_manifest(path)
     except FormatError as e:
-        warnings.warn(f"{run_dir}/config.yaml: data.path unreadable, analysing decoders only ({e})")
+        warnings.warn(f"{run_dir / CONFIG_NAME}: data.path unreadable, analysing decoders only ({e})")
         return None, None
 
 
@@ -110,10 +98,9 @@ def snapshot_steps(names: list[str], manifest: Manifest | None) -> list[int]:
 def _suite_dirs(run: RunFiles) -> list[Path]:
     """Folders that may hold the model suite's tokenizer and loss curve."""
     dirs = []
-    for key in ("model.repo", "model.path", "model.name", "model.tokenizer"):
-        value = select(run.config, key)
-        if isinstance(value, str) and Path(value).is_dir():
-            dirs.append(Path(value))
+    value = select(run.config, "model.repo")  # conf/model/*.yaml: a local suite folder or a hub id
+    if isinstance(value, str) and Path(value).is_dir():
+        dirs.append(Path(value))
     if run.manifest is not None:
         for value in (run.manifest.model, *(v for v in run.manifest.extra.values() if isinstance(v, str))):
             if Path(value).is_dir():
@@ -132,7 +119,7 @@ def load_token_decoder(run: RunFiles) -> TokenDecoder | None:
             if path.is_file():
                 tok = Tokenizer.from_file(str(path))
                 return lambda i, tok=tok: tok.decode([int(i)])
-    name = select(run.config, "model.name") or (run.manifest.model if run.manifest else None)
+    name = select(run.config, "model.repo") or (run.manifest.model if run.manifest else None)
     if name:
         try:  # a hub model already in the local cache (never downloads)
             from transformers import AutoTokenizer

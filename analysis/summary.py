@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ import pandas as pd
 
 from analysis.activations import PassStats
 from analysis.evolution import CATEGORIES
+from data.format import write_atomic
+from data.run_folder import METRICS_NAME
 
 
 def emerged_fraction(table: pd.DataFrame, n_snapshots: int) -> np.ndarray:
@@ -50,7 +54,7 @@ def build_summary(*, run_dir: str, names: list[str], steps: list[int], table: pd
     S = len(names)
     ev_pass = dict(zip(names, stats.explained_variance.tolist())) if stats else None
     ev_json = _per_snapshot(metrics, "val/explained_variance", names)
-    ev = {"overall": metrics.get("val/explained_variance"), "per_snapshot": ev_json, "source": "metrics.json"}
+    ev = {"overall": metrics.get("val/explained_variance"), "per_snapshot": ev_json, "source": METRICS_NAME}
     if ev_json is None and stats is not None:
         ev = {"overall": stats.explained_variance_overall, "per_snapshot": ev_pass, "source": "activation pass"}
     ev["activation_pass"] = ev_pass
@@ -59,7 +63,7 @@ def build_summary(*, run_dir: str, names: list[str], steps: list[int], table: pd
               "source": "activation pass"}
     else:
         l0 = {"overall": metrics.get("val/l0"), "per_snapshot": _per_snapshot(metrics, "val/l0", names),
-              "source": "metrics.json"}
+              "source": METRICS_NAME}
     live = table.category != "dead"
     dead = {"overall": float((~live).mean()), "training": metrics.get("val/dead_fraction"),
             "per_snapshot": ({n: float((table[f"freq_{n}"] <= 0).mean()) for n in names} if stats else None)}
@@ -84,6 +88,12 @@ def build_summary(*, run_dir: str, names: list[str], steps: list[int], table: pd
         "loss_curve": {"steps": loss_curve[0], "loss": loss_curve[1]} if loss_curve else None,
         "baselines": baselines or [],
     })
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """``value`` made JSON-safe (clean) as indented JSON, written atomically."""
+    write_atomic(path, json.dumps(clean(value), indent=1))
+    return path
 
 
 def clean(value: Any) -> Any:

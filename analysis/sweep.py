@@ -21,11 +21,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from analysis.figures import log_x, set_step_axis  # noqa: E402
+from analysis.figures import log_x, save_figure, set_step_axis  # noqa: E402
 from analysis.run_files import select, snapshot_steps  # noqa: E402
-from data.format import FormatError, read_manifest  # noqa: E402
+from data.format import FormatError, atomic_path, read_manifest  # noqa: E402
+from data.run_folder import SWEEP_COLUMNS, WEIGHTS_NAME, finished_runs, has_metrics, read_config, read_metrics  # noqa: E402
 
 L0_DEFINITION = "L0 = latents with f > 0 per held-out token (training validation, val/l0), for crosscoders and SAEs alike"
+CAPTIONS = {  # the report's caption of each sweep figure, by file stem
+    "fig5_pareto": "5a. Explained variance against L0 for every run, with Pareto frontiers (paper Fig. 2). "
+                   f"{L0_DEFINITION}.",
+    "fig5_crosscoder_vs_sae": "5b. Crosscoders against single-snapshot SAEs trained on the same data "
+                              f"(paper Fig. 3c). {L0_DEFINITION}.",
+}
 
 
 def run_folders(source: str | Path | list) -> list[Path]:
@@ -34,25 +41,20 @@ def run_folders(source: str | Path | list) -> list[Path]:
     if isinstance(source, (list, tuple)) or OmegaConf.is_list(source):
         return [p for s in source for p in run_folders(s)]
     path = Path(source)
-    if (path / "metrics.json").is_file():
+    if has_metrics(path):
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such sweep or run folder")
-    runs = sorted((p.parent for p in path.glob("**/metrics.json")), key=lambda p: _job_order(p.relative_to(path)))
+    runs = finished_runs(path)
     if not runs:
         raise FileNotFoundError(f"{path}: no <job>/metrics.json below it (is it a finished sweep?)")
     return runs
 
 
-def _job_order(job: Path) -> tuple:
-    """Numeric job folders in numeric order (2 before 10), named ones after."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in job.parts)
-
-
 def _snapshot_names(run: Path, metrics: dict, config) -> list[str]:
     if metrics.get("snapshots"):
         return list(metrics["snapshots"])
-    weights = run / "crosscoder.safetensors"
+    weights = run / WEIGHTS_NAME
     if weights.is_file():
         from safetensors import safe_open
         with safe_open(str(weights), framework="pt") as f:
@@ -75,16 +77,12 @@ def collect_runs(source: str | Path | list) -> pd.DataFrame:
     rows = []
     for run in run_folders(source):
         job = _job_name(run, source)
-        metrics = json.loads((run / "metrics.json").read_text())
-        config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else OmegaConf.create({})
+        metrics, config = read_metrics(run), read_config(run)
         names = _snapshot_names(run, metrics, config)
         row = {"job": job, "run": str(run), "kind": "crosscoder" if len(names) > 1 else "sae",
-               "n_snapshots": len(names), "snapshots": ",".join(names),
-               "d_sae": metrics.get("d_sae", select(config, "crosscoder.d_sae")),
-               "l1_coef": metrics.get("l1_coef", select(config, "crosscoder.l1_coef")),
-               "activation": metrics.get("activation", select(config, "crosscoder.activation")),
-               "explained_variance": metrics.get("val/explained_variance"), "l0": metrics.get("val/l0"),
-               "dead_fraction": metrics.get("val/dead_fraction")}
+               "n_snapshots": len(names), "snapshots": ",".join(names)}
+        for column, key in SWEEP_COLUMNS.items():  # hyperparameters missing from metrics.json: from the config
+            row[column] = metrics.get(key, None if key.startswith("val/") else select(config, f"crosscoder.{key}"))
         for name, step in zip(names, _steps(names, config)):
             ev = metrics.get(f"val/explained_variance/{name}")
             row[f"ev_{name}"] = ev if ev is not None else (row["explained_variance"] if len(names) == 1 else None)
@@ -228,3 +226,17 @@ def sweep_summary(runs: pd.DataFrame) -> dict:
         front = g.iloc[pareto_front(g.l0.to_numpy(), g.explained_variance.to_numpy())]
         out["frontier"][kind] = front[["job", "d_sae", "l1_coef", "l0", "explained_variance"]].to_dict("records")
     return out
+
+
+def sweep_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write figures 5a and 5b as PNG into out_dir; returns their paths."""
+    return [save_figure(fig_pareto(runs), out_dir / "fig5_pareto.png"),
+            save_figure(fig_crosscoder_vs_sae(runs), out_dir / "fig5_crosscoder_vs_sae.png")]
+
+
+def save_tables(runs: pd.DataFrame, out_dir: Path) -> None:
+    """runs.csv (one row per run) and sweep_analysis.json (sweep_summary) in out_dir."""
+    from analysis.summary import write_json
+    with atomic_path(out_dir / "runs.csv") as tmp:
+        runs.to_csv(tmp, index=False)
+    write_json(out_dir / "sweep_analysis.json", sweep_summary(runs))

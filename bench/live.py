@@ -144,6 +144,7 @@ QUALITY = {  # label -> data.block_tokens (None: the whole run in one block)
 
 
 def quality(steps: int) -> dict:
+    from data.run_folder import read_metrics
     rows = {}
     for label, block in QUALITY.items():
         block = block or steps * 1024
@@ -155,7 +156,7 @@ def quality(steps: int) -> dict:
         res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"{label}: train.py failed:\n{res.stderr[-3000:]}")
-        m = json.loads((out / "metrics.json").read_text())
+        m = read_metrics(out)
         rows[label] = {"block_tokens": block, "seconds": round(time.time() - t),
                        **{k: m[k] for k in m if k.startswith("val/") or k == "steps"}, "run_dir": str(out)}
         print(label, json.dumps(rows[label]), flush=True)

@@ -1,4 +1,4 @@
-"""Exports the finished run: crosscoder.safetensors and metrics.json in the run directory.
+"""Exports the finished run: the weights and metrics.json in the run directory (layout: data/run_folder.py).
 
 Written when training ends and again after the final validation (train.py runs one at the last step if
 the validation interval did not land there), so metrics.json always describes the final weights.
@@ -11,17 +11,15 @@ and TensorBoard scalars under the usual tag names), so analysis and sweep tools 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
-from data.format import write_atomic
+from data.run_folder import TENSORBOARD_DIR, dictionary_dir, write_metrics, write_sub_run_config
 
 
 class RunExport(L.Callback):
@@ -35,7 +33,7 @@ class RunExport(L.Callback):
         self._fit_ended, self._hparams_step = False, None
 
     def dictionary_dirs(self, pl_module) -> list[Path]:
-        return [self.run_dir / name if name else self.run_dir for name in pl_module.dictionary_names]
+        return [dictionary_dir(self.run_dir, name) for name in pl_module.dictionary_names]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_ended = True
@@ -64,7 +62,7 @@ class RunExport(L.Callback):
             metrics = {f"hparams/{k}": final[k] for k in self.HPARAM_METRICS if k in final}
             # the run's own TensorBoard writer for one dictionary (no second event file); sub-runs have their own
             writer = trainer.logger.experiment if not name and isinstance(trainer.logger, TensorBoardLogger) else \
-                self._writers.get(name) or self._writers.setdefault(name, SummaryWriter(str(folder / "tensorboard")))
+                self._writers.get(name) or self._writers.setdefault(name, SummaryWriter(str(folder / TENSORBOARD_DIR)))
             for summary in hparams(params, metrics):
                 writer.file_writer.add_summary(summary)
             for key, value in metrics.items():
@@ -87,7 +85,7 @@ class RunExport(L.Callback):
         if len(pl_module.dictionary_names) < 2 or not trainer.loggers:
             return
         for name, folder in zip(pl_module.dictionary_names, self.dictionary_dirs(pl_module)):
-            writer = self._writers.get(name) or self._writers.setdefault(name, SummaryWriter(str(folder / "tensorboard")))
+            writer = self._writers.get(name) or self._writers.setdefault(name, SummaryWriter(str(folder / TENSORBOARD_DIR)))
             for key, value in self.metrics_of(trainer, name).items():
                 writer.add_scalar(key, value, trainer.global_step)
             writer.flush()
@@ -108,7 +106,6 @@ class RunExport(L.Callback):
         hp = pl_module.hparams
         batch_size = getattr(trainer.datamodule, "batch_size", None)
         skipped = getattr(trainer.datamodule, "skipped_shards", None)
-        run_config = self.run_dir / "config.yaml"
         for i, (name, folder) in enumerate(zip(pl_module.dictionary_names, self.dictionary_dirs(pl_module))):
             folder.mkdir(parents=True, exist_ok=True)
             cc = pl_module.crosscoders[i]
@@ -120,9 +117,5 @@ class RunExport(L.Callback):
                                    if batch_size else None),
                            skipped_shards=int(skipped.value) if skipped is not None else 0,
                            seconds=round(time.time() - self._start, 1))
-            write_atomic(folder / "metrics.json", json.dumps(metrics, indent=1))
-            if name and run_config.is_file():  # the sub-run's own config: its d_sae and l1_coef
-                config = yaml.safe_load(run_config.read_text())
-                config["crosscoder"].update(d_sae=cc.d_sae, l1_coef=pl_module.l1_coefs[i])
-                config["run_dir"] = str(folder)
-                write_atomic(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            write_metrics(folder, metrics)
+            write_sub_run_config(self.run_dir, name, d_sae=cc.d_sae, l1_coef=pl_module.l1_coefs[i])

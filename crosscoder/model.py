@@ -23,9 +23,9 @@ from torch import nn
 
 from crosscoder import paper_loop, sparse
 from data.format import atomic_path
+from data.run_folder import WEIGHTS_NAME
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk", "paper")
-WEIGHTS_NAME = "crosscoder.safetensors"
 
 
 class CrosscoderOutput(NamedTuple):

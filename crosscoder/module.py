@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from crosscoder import revival
 from crosscoder.metrics import ExplainedVariance, FeatureFiring, l0
 from crosscoder.model import Crosscoder
+from data.run_folder import dictionary_name
 
 
 def _as_list(value) -> list:
@@ -78,7 +79,7 @@ class CrosscoderModule(L.LightningModule):
         self.d_saes = d_saes * n if len(d_saes) == 1 else d_saes
         self.l1_coefs = [float(c) for c in (l1_coefs * n if len(l1_coefs) == 1 else l1_coefs)]
         # One dictionary keeps the plain tag names; several are told apart by a name prefix.
-        self.dictionary_names = [""] if n == 1 else [f"l1_{c:g}-F{f}" for c, f in zip(self.l1_coefs, self.d_saes)]
+        self.dictionary_names = [""] if n == 1 else [dictionary_name(c, f) for c, f in zip(self.l1_coefs, self.d_saes)]
         if len(set(self.dictionary_names)) != n:
             raise ValueError(f"crosscoder.l1_coef / d_sae: dictionaries {self.dictionary_names} repeat")
 

@@ -154,8 +154,8 @@ def test_sae_baselines_from_a_separate_sweep(tmp_path):
 def test_crosscoders_and_saes_share_one_l0_definition(sweep):
     """An analysed crosscoder's summary.json holds a thresholded per-snapshot L0 ("active at s"); the sweep must
     not mix it with the SAEs' f > 0 count: both sides read val/l0, whether or not a run was analysed."""
-    from analysis.sweep import L0_DEFINITION
-    from analyze import CAPTIONS, analyze_sweep
+    from analysis.sweep import CAPTIONS, L0_DEFINITION
+    from analyze import analyze_sweep
     analysed = sweep / "0" / "analysis"
     analysed.mkdir()
     (analysed / "summary.json").write_text(json.dumps({"l0": {"overall": 20, "per_snapshot": dict(zip(NAMES, [2, 5, 7]))}}))

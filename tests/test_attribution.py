@@ -392,7 +392,8 @@ def test_attribution_needs_the_snapshot_models(dataset, tmp_path):
 def test_summary_gap_fractions_and_verdict_by_hand():
     from types import SimpleNamespace
 
-    from analysis.attribution import SnapshotAttribution, summarise
+    from analysis.attribution import SnapshotAttribution
+    from analysis.attribution_summary import summarise
     from analysis.report import attribution_html
     cfg = SimpleNamespace(n_top=2, min_gap=0.5, show_k=1, random_sets=2, ig_steps=4, match_candidates=5)
     # selection gap 1.5 - (-0.5) = 2.0: feature share (0.2 + 1.2 - 0.1) / 2 = 0.65, error share 0.7 / 2 = 0.35
