@@ -248,6 +248,10 @@ class ActivationCache:
         progress = self._load_progress()
         tokens, where = self._corpus_windows()
         done_shards = len(progress["shards"])
+        # a kill between recording a chunk's shards and deleting its buffer leaves the buffer behind: drop it now
+        for stale in self.folder.glob("chunk-*.buffer"):
+            if int(stale.stem.split("-")[1]) < done_shards:
+                stale.unlink()
         S, D = len(self.revisions), self.model_cfg.d_model
         total = self.n_windows * self.T * S
         bar = tqdm(total=total, initial=min(done_shards * self.sps * self.T * S, total), unit="tok",
