@@ -22,7 +22,7 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from analysis import attribution, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
+from analysis import attribution, browser, evolution, figures, report, run_files, summary, sweep, synthetic_check  # noqa: E402
 from analysis.activations import activation_pass  # noqa: E402
 from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
@@ -100,6 +100,7 @@ def analyze_run(cfg: DictConfig) -> Path:
         emergence_fraction=cfg.emergence_fraction, active_threshold=cfg.active_threshold,
         loss_curve=run_files.find_loss_curve(run), baselines=_baselines(cfg, run))
     evolution.save_table(table, out)
+    synthetic_check.write(run, table, out, cfg.emergence_fraction)  # only when the dataset holds a synthetic truth
     write_atomic(out / "summary.json", json.dumps(facts, indent=1))
     pngs = figures.run_figures(table, facts, out)
     if cfg.tensorboard:
