@@ -23,14 +23,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.evolution import presence
 from data.format import write_atomic
-from data.synthetic import CATEGORIES, TRUTH_JSON, TRUTH_TENSORS, feature_recovery, load_truth
+from data.synthetic import CATEGORIES, TRUTH_JSON, TRUTH_TENSORS, feature_recovery, load_truth, true_normalised_strength
 
 FILE_NAME = "synthetic_check.json"
 
 
 def _frac(ok: np.ndarray) -> float | None:
     return float(ok.mean()) if ok.size else None
+
+
+def _last_present(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
+    """[F] the table's end column for norms [F, S]: the last snapshot where the feature is present."""
+    present = presence(norms, emergence_fraction)
+    return norms.shape[1] - 1 - present[:, ::-1].argmax(1)
 
 
 def compare(table: pd.DataFrame, W_dec, scale, truth, emergence_fraction: float) -> dict[str, Any]:
@@ -46,6 +53,7 @@ def compare(table: pd.DataFrame, W_dec, scale, truth, emergence_fraction: float)
         raise ValueError(f"synthetic check: the table has {norms.shape[1]} snapshots, the truth {S}")
     scale_np = np.asarray(scale, dtype=np.float64).reshape(-1)
     peak_true = rec["peak_true"].numpy()[ok]
+    true_norm = true_normalised_strength(truth, scale_np)
     checks = {
         "peak": (rows.peak_index.to_numpy(dtype=int), peak_true),
         "emergence": (rows.emergence_index.to_numpy(dtype=int, na_value=-1), truth.birth[ok]),
@@ -59,6 +67,9 @@ def compare(table: pd.DataFrame, W_dec, scale, truth, emergence_fraction: float)
         "n_true": int(len(ok)), "n_recovered": int(ok.sum()), "recovered_frac": float(ok.mean()),
         "distinct_latents": int(len(set(latents.tolist()))),
         "birth_definition_frac": rec["birth_definition_frac"],
+        # the ceiling of the end check: the share of true features whose own normalised profile is still present
+        # (>= emergence_fraction x its peak) at death - 1; a late snapshot shrunk by its scale can fall below it
+        "end_definition_frac": float((_last_present(true_norm, emergence_fraction) == truth.death - 1).mean()),
     }
     for name, (learned, true) in checks.items():
         right = learned == true

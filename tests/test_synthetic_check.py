@@ -38,6 +38,7 @@ def test_the_truth_passes_and_a_moved_peak_or_birth_is_named():
     profiles = truth.strength * SCALE.numpy()
     last = np.array([max(s for s, v in enumerate(p) if v >= 0.2 * p.max()) for p in profiles])
     assert facts["end_match_frac"] == pytest.approx((last == truth.death - 1).mean()) and facts["end_match_frac"] < 1
+    assert facts["end_definition_frac"] == pytest.approx(facts["end_match_frac"])
     assert facts["peak_raw_match_frac"] == 1.0
     assert sorted(m["true_feature"] for m in facts["mismatches"]) == np.flatnonzero(last != truth.death - 1).tolist()
     # The normalised and raw truths disagree on some peaks: a raw peak compared with the table would be wrong.
