@@ -170,7 +170,8 @@ def figure(rows: list[dict]):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    known = list(DATASETS)
+    names = sorted(dict.fromkeys(r["dataset"] for r in rows), key=lambda n: known.index(n) if n in known else len(known))
     fig, axes = plt.subplots(2, len(names), figsize=(5.2 * len(names), 7.4), squeeze=False, sharex="col")
     colours = dict(zip(ACTIVATIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for col, name in enumerate(names):
@@ -180,7 +181,9 @@ def figure(rows: list[dict]):
                                    (1, "birth_correct_frac", "exact birth (among recovered)")):
             ax = axes[row_ax, col]
             for act in ACTIVATIONS:
-                pts = sorted((r["l0"], r[key], r["dead_fraction"]) for r in mine if r["activation"] == act)
+                # dead by either reading: the training metric or silence on the held-out tokens
+                pts = sorted((r["l0"], r[key], max(r["dead_fraction"], r["silent_heldout_frac"]))
+                             for r in mine if r["activation"] == act)
                 if not pts:
                     continue
                 x, y, dead = zip(*pts)
@@ -200,7 +203,7 @@ def figure(rows: list[dict]):
                              f"{cfg['n_tokens'] / 1e6:.2g}M tokens", fontsize=9)
             else:
                 ax.set_xlabel("L0 (held-out)")
-        axes[0, col].legend(fontsize=8, loc="lower right", title="hollow: >= 1% dead", title_fontsize=7)
+        axes[0, col].legend(fontsize=8, loc="lower right", title="hollow: >= 1% dead or silent", title_fontsize=7)
     fig.tight_layout()
     return fig
 
