@@ -67,8 +67,8 @@ def compare(table: pd.DataFrame, W_dec, scale, truth, emergence_fraction: float)
         "n_true": int(len(ok)), "n_recovered": int(ok.sum()), "recovered_frac": float(ok.mean()),
         "distinct_latents": int(len(set(latents.tolist()))),
         "birth_definition_frac": rec["birth_definition_frac"],
-        # the ceiling of the end check: the share of true features whose own normalised profile is still present
-        # (>= emergence_fraction x its peak) at death - 1; a late snapshot shrunk by its scale can fall below it
+        # what an exact decoder scores on the end check: the share of true features whose own normalised profile is
+        # still present (>= emergence_fraction x its peak) at death - 1; a late snapshot shrunk by its scale can fall below
         "end_definition_frac": float((_last_present(true_norm, emergence_fraction) == truth.death - 1).mean()),
     }
     for name, (learned, true) in checks.items():

@@ -268,7 +268,7 @@ def feature_recovery(W_dec, truth: Truth, scale=None, threshold: float = 0.9,
     - peak in raw units (``peak_correct_frac_raw``): argmax_s ||W_dec[j, s]|| / scale[s] against truth.peak;
     - birth (``birth_correct_frac``): the table's emergence column (analysis.evolution.emergence_index, first
       snapshot whose norm is >= emergence_fraction x the latent's maximum) against truth.birth, the first
-      snapshot where the feature exists. ``birth_definition_frac`` is the ceiling of that check: the share of
+      snapshot where the feature exists. ``birth_definition_frac`` is what an exact decoder scores on that check: the share of
       true features whose own normalised profile meets the definition at truth.birth (a feature born weaker than
       emergence_fraction x its normalised peak is "born" later by the table's reading).
 
