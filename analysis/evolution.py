@@ -39,6 +39,12 @@ def emergence_index(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
     return np.where(present.any(1), present.argmax(1), -1)
 
 
+def end_index(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
+    """norms [F, S] -> [F] the table's end column: last snapshot where the feature is present, -1 when it never is."""
+    present = presence(norms, emergence_fraction)
+    return np.where(present.any(1), norms.shape[1] - 1 - present[:, ::-1].argmax(1), -1)
+
+
 def categorise(present: np.ndarray, dead: np.ndarray) -> np.ndarray:
     """present [F, S], dead [F] -> [F] category names (see the module docstring)."""
     first, last = present[:, 0], present[:, -1]
@@ -82,7 +88,7 @@ def feature_table(W_dec: torch.Tensor, names: list[str], steps: list[int], emerg
     present = presence(norms, emergence_fraction)
     any_present = present.any(1)
     emergence = emergence_index(norms, emergence_fraction)
-    end = np.where(any_present, S - 1 - present[:, ::-1].argmax(1), -1)
+    end = end_index(norms, emergence_fraction)
     after = np.arange(S)[None, :] >= emergence[:, None]
     persistence = np.where(any_present, (present & after).sum(1) / np.maximum(S - emergence, 1), np.nan)
     peak = norms.argmax(1)

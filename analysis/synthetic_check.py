@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.evolution import presence
+from analysis.evolution import end_index
 from data.format import write_atomic
 from data.synthetic import CATEGORIES, TRUTH_JSON, TRUTH_TENSORS, feature_recovery, load_truth, true_normalised_strength
 
@@ -32,12 +32,6 @@ FILE_NAME = "synthetic_check.json"
 
 def _frac(ok: np.ndarray) -> float | None:
     return float(ok.mean()) if ok.size else None
-
-
-def _last_present(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
-    """[F] the table's end column for norms [F, S]: the last snapshot where the feature is present."""
-    present = presence(norms, emergence_fraction)
-    return norms.shape[1] - 1 - present[:, ::-1].argmax(1)
 
 
 def compare(table: pd.DataFrame, W_dec, scale, truth, emergence_fraction: float) -> dict[str, Any]:
@@ -69,7 +63,7 @@ def compare(table: pd.DataFrame, W_dec, scale, truth, emergence_fraction: float)
         "birth_definition_frac": rec["birth_definition_frac"],
         # what an exact decoder scores on the end check: the share of true features whose own normalised profile is
         # still present (>= emergence_fraction x its peak) at death - 1; a late snapshot shrunk by its scale can fall below
-        "end_definition_frac": float((_last_present(true_norm, emergence_fraction) == truth.death - 1).mean()),
+        "end_definition_frac": float((end_index(true_norm, emergence_fraction) == truth.death - 1).mean()),
     }
     for name, (learned, true) in checks.items():
         right = learned == true
