@@ -21,7 +21,18 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from analysis import attribution, attribution_summary, browser, evolution, figures, report, run_files, summary, sweep  # noqa: E402
+from analysis import (  # noqa: E402
+    attribution,
+    attribution_summary,
+    browser,
+    evolution,
+    figures,
+    report,
+    run_files,
+    summary,
+    sweep,
+    synthetic_check,
+)
 from analysis.activations import activation_pass, browser_views  # noqa: E402
 from analysis.attribution_figure import fig_attribution  # noqa: E402
 from analysis.config import check, register  # noqa: E402
@@ -80,6 +91,7 @@ def analyze_run(cfg: DictConfig) -> Path:
         d_model=crosscoder.d_model, activation=crosscoder.activation, emergence_fraction=cfg.emergence_fraction,
         active_threshold=cfg.active_threshold, loss_curve=run_files.find_loss_curve(run), baselines=_baselines(cfg, run))
     evolution.save_table(table, out)
+    synthetic_check.write(run, table, out, cfg.emergence_fraction)  # only when the dataset holds a synthetic truth
     summary.write_json(out / "summary.json", facts)
     pngs = figures.run_figures(table, facts, out)
     if cfg.tensorboard:

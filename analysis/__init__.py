@@ -4,6 +4,7 @@ The pipeline, one module each:
     run_files    a run folder -> crosscoder, config, metrics, dataset, snapshot steps, tokenizer, loss curve
     activations  one pass over cached tokens -> firing counts, per-snapshot EV / L0, top contexts
     evolution    decoder norms (+ firing) -> the per-feature table (features.parquet) and projections
+    synthetic_check  the table against a data.synthetic truth, in the table's unit (synthetic_check.json)
     summary      table + pass -> summary.json (everything the figures show)
     figures      summary.json + features table -> PNG figures (+ TensorBoard images)
     browser      top contexts of chosen features, decoded with the suite's tokenizer

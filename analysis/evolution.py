@@ -32,6 +32,19 @@ def presence(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
     return (norms >= emergence_fraction * peak) & (peak > 0)
 
 
+def emergence_index(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
+    """norms [F, S] -> [F] the table's emergence column: first snapshot where the feature is present (see
+    ``presence``), -1 when it never is. data.synthetic's recovery check imports this one definition."""
+    present = presence(norms, emergence_fraction)
+    return np.where(present.any(1), present.argmax(1), -1)
+
+
+def end_index(norms: np.ndarray, emergence_fraction: float) -> np.ndarray:
+    """norms [F, S] -> [F] the table's end column: last snapshot where the feature is present, -1 when it never is."""
+    present = presence(norms, emergence_fraction)
+    return np.where(present.any(1), norms.shape[1] - 1 - present[:, ::-1].argmax(1), -1)
+
+
 def categorise(present: np.ndarray, dead: np.ndarray) -> np.ndarray:
     """present [F, S], dead [F] -> [F] category names (see the module docstring)."""
     first, last = present[:, 0], present[:, -1]
@@ -74,8 +87,8 @@ def feature_table(W_dec: torch.Tensor, names: list[str], steps: list[int], emerg
         raise ValueError(f"feature_table: {len(names)} names / {len(steps)} steps for {S} snapshots")
     present = presence(norms, emergence_fraction)
     any_present = present.any(1)
-    emergence = np.where(any_present, present.argmax(1), -1)
-    end = np.where(any_present, S - 1 - present[:, ::-1].argmax(1), -1)
+    emergence = emergence_index(norms, emergence_fraction)
+    end = end_index(norms, emergence_fraction)
     after = np.arange(S)[None, :] >= emergence[:, None]
     persistence = np.where(any_present, (present & after).sum(1) / np.maximum(S - emergence, 1), np.nan)
     peak = norms.argmax(1)

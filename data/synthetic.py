@@ -245,23 +245,45 @@ def load_truth(folder: str | Path) -> Truth:
     return Truth(config=cfg, **arrays)
 
 
-def feature_recovery(W_dec, truth: Truth, scale=None, threshold: float = 0.9) -> dict[str, Any]:
-    """How well a crosscoder's decoder W_dec [F, S, D] recovers the true features.
+def true_normalised_strength(truth: Truth, scale=None) -> np.ndarray:
+    """[F_true, S] float64: strength[i, s] * scale[s], the feature's strength in the units the crosscoder and the
+    analysis read (each snapshot's activations multiplied by scale[s], normalised = raw * scale). A learned
+    latent's decoder norms are this profile times one constant (its code is shared by every snapshot), so its
+    argmax is the true peak in those units. scale=None: the truth's own (raw) units."""
+    s = np.ones(truth.strength.shape[1]) if scale is None else np.asarray(scale, dtype=np.float64).reshape(-1)
+    return truth.strength.astype(np.float64) * s[None]
+
+
+def feature_recovery(W_dec, truth: Truth, scale=None, threshold: float = 0.9,
+                     emergence_fraction: float = 0.2) -> dict[str, Any]:
+    """How well a crosscoder's decoder W_dec [F, S, D] (normalised units, as saved) recovers the true features.
 
     Score of true feature i against learned latent j: the mean, over the snapshots where i exists
     (strength > 0), of cosine(W_dec[j, s], dirs[i, s]). best_cos[i] = max over j; match[i] = that j
     (several true features may match one latent). Feature i is recovered when best_cos[i] >= threshold.
+    Cosines do not depend on the unit; peaks and births do, so both sides are read in one unit:
 
-    Peak check: the matched latent's peak is argmax_s ||W_dec[j, s]|| / scale[s], i.e. its decoder norm in
-    raw activation units (the crosscoder sees raw * scale[s]), compared with the true peak of the raw
-    strength profile. scale=None means W_dec is already in raw units.
+    - peak (primary, ``peak_correct_frac``): argmax_s ||W_dec[j, s]|| against argmax_s strength[i, s] * scale[s],
+      both in normalised units, the unit analyze.py's table uses;
+    - peak in raw units (``peak_correct_frac_raw``): argmax_s ||W_dec[j, s]|| / scale[s] against truth.peak;
+    - birth (``birth_correct_frac``): the table's emergence column (analysis.evolution.emergence_index, first
+      snapshot whose norm is >= emergence_fraction x the latent's maximum) against truth.birth, the first
+      snapshot where the feature exists. ``birth_definition_frac`` is what an exact decoder scores on that check: the share of
+      true features whose own normalised profile meets the definition at truth.birth (a feature born weaker than
+      emergence_fraction x its normalised peak is "born" later by the table's reading).
 
-    Returns recovered_frac, peak_correct_frac (among recovered; nan if none), recovered_frac_<category>,
-    and per-true-feature tensors best_cos, match, recovered, peak_learned, peak_true, peak_correct and
-    n_matches (latents scoring >= threshold: above 1 the dictionary splits the feature over duplicates,
-    and the peak of any one of them need not be the feature's).
+    scale [S] is the factor the crosscoder applied (crosscoder.safetensors' ``scale``); None means W_dec is in
+    the truth's raw units (scale 1). Fractions are among recovered features (nan if none).
+
+    Returns recovered_frac, peak_correct_frac, peak_correct_frac_raw, birth_correct_frac, birth_definition_frac,
+    recovered_frac_<category>, and per-true-feature tensors best_cos, match, recovered, peak_learned, peak_true
+    (normalised), peak_correct, birth_learned, birth_correct and n_matches (latents scoring >= threshold: above 1
+    the dictionary splits the feature over duplicates, and the peak of any one of them need not be the feature's).
     """
     import torch
+
+    # The table's emergence definition, imported so that validation and analysis cannot drift apart.
+    from analysis.evolution import emergence_index
     W = W_dec.detach().float().cpu()
     dirs = torch.from_numpy(truth.directions).float()
     if W.ndim != 3 or W.shape[1:] != dirs.shape[1:]:
@@ -276,19 +298,32 @@ def feature_recovery(W_dec, truth: Truth, scale=None, threshold: float = 0.9) ->
     score /= exists.sum(1, keepdim=True).clamp_min(1)
     best_cos, match = score.max(1)
     recovered = best_cos >= threshold
-    raw = norms if scale is None else norms / torch.as_tensor(scale, dtype=torch.float32).cpu()[None]
-    peak_learned = raw[match].argmax(1)
-    peak_true = torch.from_numpy(truth.peak)
+    scale_t = torch.ones(W.shape[1]) if scale is None else torch.as_tensor(scale, dtype=torch.float32).cpu().reshape(-1)
+    matched = norms[match]  # [F_true, S] normalised units
+    true_norm = torch.from_numpy(true_normalised_strength(truth, scale_t.numpy()))
+    peak_learned, peak_true = matched.argmax(1), true_norm.argmax(1)
     peak_correct = peak_learned == peak_true
+    peak_correct_raw = (matched / scale_t[None]).argmax(1) == torch.from_numpy(truth.peak)
+    birth_learned = torch.from_numpy(emergence_index(matched.double().numpy(), emergence_fraction))
+    birth_true = torch.from_numpy(truth.birth)
+    birth_correct = birth_learned == birth_true
+    birth_definition = torch.from_numpy(emergence_index(true_norm.numpy(), emergence_fraction)) == birth_true
     n_rec = int(recovered.sum())
-    out = {"recovered_frac": n_rec / len(recovered),
-           "peak_correct_frac": float((peak_correct & recovered).sum()) / n_rec if n_rec else float("nan")}
+
+    def among_recovered(ok: torch.Tensor) -> float:
+        return float((ok & recovered).sum()) / n_rec if n_rec else float("nan")
+
+    out = {"recovered_frac": n_rec / len(recovered), "peak_correct_frac": among_recovered(peak_correct),
+           "peak_correct_frac_raw": among_recovered(peak_correct_raw),
+           "birth_correct_frac": among_recovered(birth_correct),
+           "birth_definition_frac": float(birth_definition.float().mean())}
     category = torch.from_numpy(truth.category)
     for k, name in enumerate(CATEGORIES):
         if (category == k).any():
             out[f"recovered_frac_{name}"] = float(recovered[category == k].float().mean())
     out.update(best_cos=best_cos, match=match, recovered=recovered, peak_learned=peak_learned,
-               peak_true=peak_true, peak_correct=peak_correct, n_matches=(score >= threshold).sum(1))
+               peak_true=peak_true, peak_correct=peak_correct, birth_learned=birth_learned,
+               birth_correct=birth_correct, n_matches=(score >= threshold).sum(1))
     return out
 
 

@@ -308,6 +308,17 @@ def test_analyze_run_end_to_end(synthetic, tmp_path):
     np.testing.assert_allclose(table[[f"norm_{n}" for n in model.snapshot_names]].to_numpy(),
                                model.decoder_norms().detach().numpy(), rtol=1e-5)
 
+    # the dataset holds the synthetic truth, so the table is checked against it (analysis/synthetic_check.py)
+    check = json.loads((out / "synthetic_check.json").read_text())
+    rec = feature_recovery_result(model, truth)
+    ok, m = rec["recovered"].numpy(), rec["match"].numpy()[rec["recovered"].numpy()]
+    want_peak = (truth.strength * model.scale.numpy()).argmax(1)[ok]  # the true peak in normalised units
+    assert check["n_recovered"] == ok.sum() and check["recovered_frac"] > 0.9
+    assert check["peak_match_frac"] == pytest.approx((table.peak_index.to_numpy()[m] == want_peak).mean())
+    assert check["emergence_match_frac"] == pytest.approx(
+        (table.emergence_index.to_numpy(dtype=int)[m] == truth.birth[ok]).mean())
+    assert check["peak_match_frac"] > 0.9 and check["emergence_match_frac"] > 0.9
+
     s = json.loads((out / "summary.json").read_text())
     assert sum(s["categories"].values()) == F and s["tokens"]["analysed"] == 4096
     assert s["explained_variance"]["source"] == "activation pass"  # metrics.json had no per-snapshot EV
@@ -340,9 +351,13 @@ def test_analyze_run_end_to_end(synthetic, tmp_path):
     assert sorted(acc.Tags()["images"]) == sorted(f"analysis/{p.stem}" for p in pngs)
 
 
-def feature_recovery_match(model: Crosscoder, truth) -> np.ndarray:
+def feature_recovery_result(model: Crosscoder, truth) -> dict:
     from data.synthetic import feature_recovery
-    return feature_recovery(model.W_dec, truth, scale=model.scale)["match"].numpy()
+    return feature_recovery(model.W_dec, truth, scale=model.scale)
+
+
+def feature_recovery_match(model: Crosscoder, truth) -> np.ndarray:
+    return feature_recovery_result(model, truth)["match"].numpy()
 
 
 def test_run_without_dataset_uses_decoders_only(small_run, tmp_path):
@@ -356,6 +371,7 @@ def test_run_without_dataset_uses_decoders_only(small_run, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["tokens"] is None and s["categories"]["dead"] == 1  # only the zero decoder
     assert json.loads((out / "browser.json").read_text()) == []
+    assert not (out / "synthetic_check.json").exists()  # no dataset, no truth to check against
 
 
 def test_held_out_shards_follow_the_datasets_recorded_split(small_run, tmp_path):

@@ -140,24 +140,58 @@ def decoder_from_truth(truth, scale: torch.Tensor, n_extra: int = 20, seed: int 
     return W[perm], perm.argsort()[: len(atoms)]
 
 
+def first_present(profile: np.ndarray, fraction: float = 0.2) -> int:
+    """Reference for the table's emergence: the first s with profile[s] >= fraction * max (a plain loop)."""
+    top = max(profile)
+    return next(s for s, v in enumerate(profile) if v >= fraction * top)
+
+
 def test_recovery_is_perfect_for_the_truth_and_nil_for_noise():
     truth = make_truth(SyntheticConfig(n_features=64))
     scale = torch.tensor([9.0, 3.0, 1.0, 0.5])
     W, where = decoder_from_truth(truth, scale)
     r = feature_recovery(W, truth, scale)
-    assert r["recovered_frac"] == 1.0 and r["peak_correct_frac"] == 1.0
+    assert r["recovered_frac"] == 1.0 and r["peak_correct_frac"] == 1.0 and r["peak_correct_frac_raw"] == 1.0
     assert torch.equal(r["match"], where) and torch.allclose(r["best_cos"], torch.ones(64))
     assert all(r[f"recovered_frac_{c}"] == 1.0 for c in CATEGORIES) and torch.all(r["n_matches"] == 1)
-    # Without the scale, norms in normalised units peak at argmax_s strength * scale, often not the true peak.
+    # The true peak in normalised units is argmax_s strength * scale: here often not truth.peak (raw units).
+    normalised_peak = (truth.strength * scale.numpy()).argmax(1)
+    np.testing.assert_array_equal(r["peak_true"], normalised_peak)
+    assert (normalised_peak != truth.peak).mean() > 0.3
+    # The same decoder read as if it were in raw units (scale=None) puts the raw truth's peak elsewhere.
     unscaled = feature_recovery(W, truth, None)
-    np.testing.assert_array_equal(unscaled["peak_learned"], (truth.strength * scale.numpy()).argmax(1))
-    assert unscaled["peak_correct_frac"] < 0.7
+    np.testing.assert_array_equal(unscaled["peak_learned"], normalised_peak)
+    np.testing.assert_array_equal(unscaled["peak_true"], truth.peak)
+    assert unscaled["peak_correct_frac"] == pytest.approx((normalised_peak == truth.peak).mean())
+    # A decoder in raw units (scale=None) is judged against the raw truth: all right.
+    raw = feature_recovery(torch.from_numpy(truth.atoms()), truth, None)
+    assert raw["peak_correct_frac"] == raw["birth_correct_frac"] == 1.0
     noise = feature_recovery(torch.randn(1024, 4, 64, generator=torch.Generator().manual_seed(1)), truth, scale)
     assert noise["recovered_frac"] == 0.0 and math.isnan(noise["peak_correct_frac"])
-    assert noise["best_cos"].max() < 0.6
+    assert math.isnan(noise["birth_correct_frac"]) and noise["best_cos"].max() < 0.6
 
 
-def test_recovery_catches_a_wrong_peak_and_ignores_absent_snapshots():
+def test_birth_uses_the_tables_emergence_definition():
+    """A scale that shrinks early snapshots makes some births weaker than 0.2 x the normalised peak: the table's
+    definition then dates them later, for the truth's own decoder too; birth_definition_frac says how many."""
+    truth = make_truth(SyntheticConfig(n_features=64))
+    scale = torch.tensor([0.5, 1.0, 3.0, 9.0])
+    W, where = decoder_from_truth(truth, scale)
+    r = feature_recovery(W, truth, scale)
+    profiles = truth.strength.astype(np.float64) * scale.numpy()
+    reference = np.array([first_present(p) for p in profiles])
+    np.testing.assert_array_equal(r["birth_learned"], reference)
+    ceiling = (reference == truth.birth).mean()
+    assert 0.5 < ceiling < 1.0
+    assert r["birth_correct_frac"] == pytest.approx(ceiling) and r["birth_definition_frac"] == pytest.approx(ceiling)
+    # A stricter fraction dates more births late.
+    strict = feature_recovery(W, truth, scale, emergence_fraction=0.5)
+    assert strict["birth_correct_frac"] == pytest.approx(np.mean([first_present(p, 0.5) == b
+                                                                   for p, b in zip(profiles, truth.birth)]))
+    assert strict["birth_correct_frac"] < ceiling
+
+
+def test_recovery_catches_a_wrong_peak_a_wrong_birth_and_ignores_absent_snapshots():
     truth = make_truth(SyntheticConfig(n_features=64))
     scale = torch.ones(4)
     W, where = decoder_from_truth(truth, scale)
@@ -167,10 +201,15 @@ def test_recovery_catches_a_wrong_peak_and_ignores_absent_snapshots():
     j = int(np.flatnonzero(~truth.exists.all(1))[0])  # a feature absent somewhere: garbage there is not scored
     absent = int(np.flatnonzero(~truth.exists[j])[0])
     W[where[j], absent] = torch.randn(64) * 1e-3
+    k = int(np.flatnonzero((truth.birth > 0) & (np.arange(64) != i) & (np.arange(64) != j))[0])
+    W[where[k], truth.birth[k] - 1] = W[where[k]].norm(dim=-1).max() * 0.5 * torch.nn.functional.normalize(
+        torch.randn(64), dim=0)  # a strong norm before birth: the cosine skips it, the emergence column does not
     r = feature_recovery(W, truth, scale)
-    assert r["recovered_frac"] == 1.0 and r["best_cos"][j] > 0.999
+    assert r["recovered_frac"] == 1.0 and r["best_cos"][j] > 0.999 and r["best_cos"][k] > 0.999
     assert r["peak_learned"][i] == other and not r["peak_correct"][i]
-    assert r["peak_correct_frac"] == pytest.approx(63 / 64)
+    assert r["peak_correct_frac"] == r["peak_correct_frac_raw"] == pytest.approx(63 / 64)
+    assert r["birth_learned"][j] == truth.birth[j] and r["birth_learned"][k] == truth.birth[k] - 1
+    assert not r["birth_correct"][k] and r["birth_correct_frac"] == pytest.approx(63 / 64)
     with pytest.raises(ValueError, match="W_dec has shape"):
         feature_recovery(W[:, :3], truth, scale)
 
