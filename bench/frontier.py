@@ -3,6 +3,8 @@ synthetic datasets with known features, trained with the project's own module an
 
     python -m bench.frontier                    # the full sweep: bench/results/frontier.{json,csv,png} (~40 min, 2 cores)
     python -m bench.frontier --quick            # one setting per activation, default dataset only (a smoke test)
+    python -m bench.frontier --steps 3000 --runs relu:1 topk:5 topk:10 jumprelu:3 --stem frontier_3m
+                                                # the closest settings again at 3M tokens (~25 min)
 
 Each run is CrosscoderModule (conf/crosscoder/<activation>.yaml as it is, revival included: resampling every 250
 steps for relu / jumprelu / paper, AuxK off for topk / batchtopk) under a Lightning Trainer, on batches drawn in
@@ -215,16 +217,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-sae", type=int, default=512)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each")
     parser.add_argument("--quick", action="store_true", help="default dataset, one setting per activation")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for frontier[_quick].{json,csv,png}")
+    parser.add_argument("--runs", nargs="*", default=None, metavar="ACTIVATION:VALUE",
+                        help="only these settings (e.g. topk:10 relu:1), on both datasets")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
+    parser.add_argument("--stem", default=None, help="file name stem (default frontier, or frontier_quick)")
     args = parser.parse_args(argv)
     datasets, settings = DATASETS, SETTINGS
     if args.quick:
         datasets = {"default": DATASETS["default"]}
         settings = {act: (s, [values[len(values) // 2]]) for act, (s, values) in SETTINGS.items()}
+    if args.runs:
+        chosen: dict[str, list[float]] = {}
+        for item in args.runs:
+            act, value = item.split(":")
+            chosen.setdefault(act, []).append(float(value))
+        settings = {act: (SETTINGS[act][0], [int(v) if SETTINGS[act][0] == "k" else v for v in values])
+                    for act, values in chosen.items()}
     jobs = plan(datasets, settings, args.d_sae, args.steps, args.batch)
     meta = dict(args=vars(args), datasets={k: dataclasses.asdict(v) for k, v in datasets.items()},
                 settings={k: {"setting": s, "values": v} for k, (s, v) in settings.items()})
-    stem, out = "frontier_quick" if args.quick else "frontier", Path(args.out)
+    stem, out = args.stem or ("frontier_quick" if args.quick else "frontier"), Path(args.out)
     t0 = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:
