@@ -6,6 +6,8 @@
                                               #    {attribution.json, top_features.csv, attribution.npz, fig7*.png}
     python analyze.py sweep=<multirun folder> # -> <sweep>/analysis/{runs.csv, sweep_analysis.json, fig5*.png,
                                               #    report.html, tensorboard/}
+A run whose dataset holds a planted-feature truth (python -m data.synthetic) also gets synthetic_check.json: the
+table's peak, emergence and end columns against the truth, in the same (normalised) units.
 
 This file only composes the pieces in analysis/ (definitions: docs/ANALYSIS.md).
 """

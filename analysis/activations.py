@@ -89,10 +89,10 @@ def merge_top(top: TopContexts | None, values: torch.Tensor, offset: int, k: int
     return TopContexts(v, i)
 
 
-def active_thresholds(model: Crosscoder, active_threshold: float) -> torch.Tensor:
+def active_thresholds(crosscoder: Crosscoder, active_threshold: float) -> torch.Tensor:
     """[S, F]: f_i above which latent i counts as active at snapshot s (inf where its decoder is zero)."""
-    norms = model.decoder_norms().detach().T  # [S, F]
-    tau = active_threshold * math.sqrt(model.d_model)
+    norms = crosscoder.decoder_norms().detach().T  # [S, F]
+    tau = active_threshold * math.sqrt(crosscoder.d_model)
     return torch.where(norms > 0, tau / norms.clamp(min=1e-30), torch.full_like(norms, math.inf))
 
 
@@ -103,30 +103,30 @@ def browser_views(n_snapshots: int, n_views: int) -> list[int]:
 
 
 @torch.no_grad()
-def activation_pass(model: Crosscoder, data_path: Path, manifest: Manifest, val_shards: int, max_tokens: int | None,
+def activation_pass(crosscoder: Crosscoder, data_path: Path, manifest: Manifest, val_shards: int, max_tokens: int | None,
                     batch_size: int, active_threshold: float, view_snapshots: list[int], n_contexts: int,
                     device: str = "cpu") -> PassStats:
-    """Run ``model`` over up to ``max_tokens`` cached tokens (None: all); definitions in the module docstring."""
+    """Run ``crosscoder`` over up to ``max_tokens`` cached tokens (None: all); definitions in the module docstring."""
     max_tokens = max_tokens if max_tokens is not None else manifest.n_tokens
-    model = model.to(device).eval()
-    S, D, F = model.n_snapshots, model.d_model, model.d_sae
+    crosscoder = crosscoder.to(device).eval()
+    S, D, F = crosscoder.n_snapshots, crosscoder.d_model, crosscoder.d_sae
     T = manifest.tokens_per_sample
-    snapshot_idx = manifest.snapshot_indices(model.snapshot_names)
+    snapshot_idx = manifest.snapshot_indices(crosscoder.snapshot_names)
     shards, n_held = analysis_shards(manifest, val_shards)
-    scale = model.scale.to(device)[None, :, None]
-    thresholds = active_thresholds(model, active_threshold)
+    scale = crosscoder.scale.to(device)[None, :, None]
+    thresholds = active_thresholds(crosscoder, active_threshold)
     ev = ExplainedVariance(S, D).to(device)
     fired = torch.zeros(F, dtype=torch.float64, device=device)
     active = torch.zeros(S, F, dtype=torch.float64, device=device)
     l0_sum, l0_s_sum, eval_tokens = 0.0, torch.zeros(S, dtype=torch.float64), 0
-    top: dict[str, TopContexts | None] = {LATENT_VIEW: None, **{model.snapshot_names[s]: None for s in view_snapshots}}
+    top: dict[str, TopContexts | None] = {LATENT_VIEW: None, **{crosscoder.snapshot_names[s]: None for s in view_snapshots}}
     token_ids, offset = [], 0
     total = min(max_tokens, sum(e.tokens for e in shards))
     batch_windows = max(1, batch_size // T)
     bar = tqdm(total=total, unit="tok", desc="activation pass", leave=False)
     for acts, tokens, held in iter_windows(data_path, manifest, shards, n_held, snapshot_idx, batch_windows, max_tokens):
         x = torch.from_numpy(acts).to(device).reshape(-1, S, D) * scale  # [B, S, D] normalised
-        out = model(x)
+        out = crosscoder(x)
         f = out.latents  # [B, F]
         fired += (f > 0).sum(0)
         for s in range(S):
@@ -143,8 +143,8 @@ def activation_pass(model: Crosscoder, data_path: Path, manifest: Manifest, val_
         top[LATENT_VIEW] = merge_top(top[LATENT_VIEW], f, offset, n_contexts)
         for s in view_snapshots:
             # Snapshot s's own share of the pre-activation: what that checkpoint's activation says about latent i.
-            enc = x[:, s] @ model.W_enc[s]  # [B, F]
-            top[model.snapshot_names[s]] = merge_top(top[model.snapshot_names[s]], enc, offset, n_contexts)
+            enc = x[:, s] @ crosscoder.W_enc[s]  # [B, F]
+            top[crosscoder.snapshot_names[s]] = merge_top(top[crosscoder.snapshot_names[s]], enc, offset, n_contexts)
         token_ids.append(tokens)
         offset += len(f)
         bar.update(len(f))
