@@ -16,7 +16,6 @@ This is what the README's claims about peaks and births on synthetic data are me
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.evolution import end_index
-from data.format import write_atomic
+from analysis.summary import write_json
 from data.synthetic import CATEGORIES, TRUTH_JSON, TRUTH_TENSORS, feature_recovery, load_truth, true_normalised_strength
 
 FILE_NAME = "synthetic_check.json"
@@ -88,7 +87,7 @@ def write(run, table: pd.DataFrame, out: Path, emergence_fraction: float) -> Pat
         return None
     facts = compare(table, run.crosscoder.W_dec, run.crosscoder.scale, load_truth(folder), emergence_fraction)
     path = Path(out) / FILE_NAME
-    write_atomic(path, json.dumps(facts, indent=1))
+    write_json(path, facts)
     pct = {k: "n/a" if facts[k] is None else f"{facts[k]:.1%}" for k in ("peak_match_frac", "emergence_match_frac")}
     print(f"synthetic check: {facts['n_recovered']}/{facts['n_true']} true features recovered; among them the "
           f"table's peak is right for {pct['peak_match_frac']}, emergence for {pct['emergence_match_frac']} "

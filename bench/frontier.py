@@ -55,15 +55,13 @@ COLUMNS = ("dataset", "activation", "setting", "value", "l0", "planted_l0", "exp
 
 
 def crosscoder_defaults(activation: str) -> dict:
-    """conf/crosscoder/<activation>.yaml over relu.yaml (its Hydra defaults list), without the target keys."""
+    """The crosscoder config train.py would build for ``crosscoder=<activation>`` (composed by Hydra from conf/),
+    without the target keys."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-    folder = ROOT / "conf" / "crosscoder"
-    cfg = OmegaConf.load(folder / "relu.yaml")
-    if activation != "relu":
-        own = OmegaConf.load(folder / f"{activation}.yaml")
-        own.pop("defaults", None)
-        cfg = OmegaConf.merge(cfg, own)
-    out = OmegaConf.to_container(cfg)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"crosscoder={activation}", "run_dir=."])
+    out = OmegaConf.to_container(cfg.crosscoder, resolve=True)
     for key in ("_target_", "_convert_"):
         out.pop(key, None)
     return out
