@@ -47,7 +47,7 @@ class CrosscoderModule(L.LightningModule):
                  dead_window_tokens: int = 1_000_000, tanh_c: float = 4.0, tanh_s: float = 0.01,
                  threshold_lr_factor: float = 1.0, sparse: bool | None = None, snapshot_names: list[str] | None = None,
                  aux_k: int | None = None, aux_coef: float = 0.0, revive_window_tokens: int | None = None,
-                 resample_every: int = 0,
+                 resample_every: int = 0, resample_until: int | float | None = None,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
         """Warm-ups and decay start may be given as a step count (int) or a fraction of max_steps (float <= 1: 1.0
@@ -57,17 +57,20 @@ class CrosscoderModule(L.LightningModule):
         crosscoder's ``scale`` buffer and ``b_dec`` (the mean of the normalised activations).
 
         Dead-latent revival (crosscoder/revival.py), for latents silent over ``revive_window_tokens`` tokens (None: the
-        dead-feature metric's ``dead_window_tokens``, so what is revived is what the metric calls dead): topk /
-        batchtopk add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token (None: d_model // 2); relu /
-        jumprelu / paper resample them every ``resample_every`` steps (0: never) until the LR decay starts. Both are
-        off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns them on.
+        dead-feature metric's ``dead_window_tokens``, so what is revived is what the metric calls dead): every
+        activation can resample them every ``resample_every`` steps (0: never) until ``resample_until`` (None: the
+        LR decay start); topk / batchtopk can add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token
+        (None: d_model // 2). Both are off unless given (checkpoints from before load unchanged); conf/crosscoder/
+        turns resampling on.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
         if optimizer not in ("adam", "adamw"):
             raise ValueError(f"crosscoder.optimizer: '{optimizer}' is not one of ('adam', 'adamw')")
-        for key in ("l1_warmup_steps", "lr_warmup_steps", "lr_decay_start"):
+        for key in ("l1_warmup_steps", "lr_warmup_steps", "lr_decay_start", "resample_until"):
             value = self.hparams[key]
+            if value is None:
+                continue
             if value < 0 or isinstance(value, float) and value > 1 and not value.is_integer():
                 raise ValueError(f"crosscoder.{key}={value}: give a step count (int) or a fraction of "
                                  "trainer.max_steps in [0, 1]")
@@ -174,8 +177,9 @@ class CrosscoderModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.hparams.resample_every
-        if every and self.hparams.activation in ("relu", "jumprelu", "paper") and self.global_step % every == 0 \
-                and self.global_step < self._steps(self.hparams.lr_decay_start):
+        until = self.hparams.resample_until
+        until = self._steps(self.hparams.lr_decay_start if until is None else until)
+        if every and self.global_step % every == 0 and self.global_step < until:
             self.resample_dead(self.normalise(batch))
         if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
             for i, metrics in enumerate(self.dict_metrics):
@@ -190,10 +194,11 @@ class CrosscoderModule(L.LightningModule):
         # drawn from the step number, not the global RNG: a resumed run resamples exactly as an uninterrupted one
         generator = torch.Generator(device=x.device).manual_seed(self.global_step)
         for i, (cc, metrics) in enumerate(zip(self.crosscoders, self.dict_metrics)):
+            # The firing counters are left as they are: a resampled latent counts as dead until it fires on a
+            # training token, and one that has not by the next call is drawn again toward another token.
             idx = revival.resample(cc, x, revival.dead_mask(metrics.firing, self.revive_window),
                                    optimizer, self.hparams.dec_init_norm, self.hparams.jumprelu_init_threshold,
-                                   generator=generator)
-            metrics.firing.since_fired[idx] = 0  # a fresh window for the new latents
+                                   generator=generator, match_living=self.hparams.activation in ("topk", "batchtopk"))
             self.log(self.tag(i, "train/resampled"), float(len(idx)))
 
     # ---- validation ----------------------------------------------------------------------------

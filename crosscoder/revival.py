@@ -21,8 +21,10 @@ Resampling (Bricken et al. 2023, "Towards Monosemanticity", and the dictionary_l
 ``resample_every`` steps each dead latent is re-initialised toward one token of the batch drawn with probability
 proportional to its squared reconstruction loss: decoder row = the token's centred input (x - b_dec) scaled to
 the initial decoder norm, encoder column = the same direction times 0.2 x the mean encoder norm of the living
-latents, bias 0 (and a JumpReLU / paper threshold back at its initial value); its Adam moments are zeroed and its
-firing counter restarts. Under DDP rank 0's draw is broadcast, so the ranks' weights stay identical.
+latents, bias 0 (and a JumpReLU / paper threshold back at its initial value); its Adam moments are zeroed. TopK and
+BatchTopK resample at the living latents' scale (``resample``'s ``match_living``). The firing counter is not
+restarted: a resampled latent stays dead by the metric until it fires on a training token, and one that has not
+by the next resampling is drawn again. Under DDP rank 0's draw is broadcast, so the ranks' weights stay identical.
 """
 
 from __future__ import annotations
@@ -95,10 +97,18 @@ def _reset_adam_rows(optimizer, cc, idx: torch.Tensor) -> None:
 
 @torch.no_grad()
 def resample(cc, x: torch.Tensor, dead: torch.Tensor, optimizer=None, dec_init_norm: float = 0.1,
-             init_threshold: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             init_threshold: float | None = None, generator: torch.Generator | None = None,
+             match_living: bool = False) -> torch.Tensor:
     """Re-initialise dead latents of ``cc`` toward high-loss tokens of x [B, S, D] (normalised); returns the indices
     [n] re-initialised (at most B, the rest wait for the next call). The same on every DDP rank: rank 0's draw is
-    broadcast. ``optimizer``: the torch optimizer whose Adam moments of those latents are zeroed."""
+    broadcast. ``optimizer``: the torch optimizer whose Adam moments of those latents are zeroed.
+
+    ``match_living``: give the new latent the living latents' mean decoder and encoder norms instead of the initial
+    decoder norm and 0.2 x the encoder norm. TopK needs it: a latent fires only if its score relu(pre) x sum_s
+    ||W_dec[i, s]|| is among the k largest of its token, which a latent at the initial scale never is once the
+    living latents have grown (measured on the synthetic set: dead latents scored at most 0.29 where the k-th
+    score was 0.93). At the living scale the new latent wins a slot on the token it was drawn toward (its
+    direction is that token's, so its pre-activation is the token's whole norm) and on tokens like it."""
     dead_idx = dead.nonzero().squeeze(-1)
     n = min(len(dead_idx), x.shape[0])
     if n == 0:
@@ -113,11 +123,14 @@ def resample(cc, x: torch.Tensor, dead: torch.Tensor, optimizer=None, dec_init_n
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(v, src=0)
-    alive = ~dead
-    enc_norms = cc.W_enc.reshape(-1, cc.d_sae).norm(dim=0)  # [F]
-    enc_norm = enc_norms[alive].mean() if alive.any() else enc_norms.mean()
-    W_dec[idx] = (v * dec_init_norm * S ** 0.5).view(n, S, D)  # each snapshot's norm ~ dec_init_norm, as at init
-    cc.W_enc[:, :, idx] = (v * 0.2 * enc_norm).T.reshape(S, D, n).to(cc.W_enc.dtype)
+    alive = ~dead if (~dead).any() else torch.ones_like(dead)
+    enc_norm = cc.W_enc.reshape(-1, cc.d_sae).norm(dim=0)[alive].mean()
+    if match_living:
+        dec_norm, enc_norm = W_dec[alive].reshape(int(alive.sum()), -1).norm(dim=-1).mean(), enc_norm
+    else:  # Bricken et al.: each snapshot's decoder norm ~ dec_init_norm as at init, the encoder at 0.2x the living
+        dec_norm, enc_norm = dec_init_norm * S ** 0.5, 0.2 * enc_norm
+    W_dec[idx] = (v * dec_norm).view(n, S, D)
+    cc.W_enc[:, :, idx] = (v * enc_norm).T.reshape(S, D, n).to(cc.W_enc.dtype)
     cc.b_enc[idx] = 0.0
     if init_threshold is not None and hasattr(cc, "log_threshold"):
         cc.log_threshold[idx] = float(torch.tensor(init_threshold).log())

@@ -144,6 +144,42 @@ def test_relu_latent_forced_dead_comes_back_with_resampling(resample_every):
         assert "train/resampled" in module.trainer.callback_metrics
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_topk_latent_forced_dead_comes_back_with_resampling(activation):
+    batches = _toy_batches()
+    torch.manual_seed(0)
+    module = CrosscoderModule(2, 8, d_sae=16, activation=activation, k=3, l1_coef=0.0, lr=3e-3, lr_warmup_steps=0,
+                              lr_decay_start=10_000, revive_window_tokens=64 * 4, resample_every=10, sparse=True)
+    j = 3
+    with torch.no_grad():  # as in the AuxK test: latent 3's score is ~0, it never wins a slot by itself
+        module.crosscoder.W_dec[j] *= 1e-4
+    _train(module, batches, 45)
+    assert module.dict_metrics[0].firing.fired_count[j] > 0
+    assert module.crosscoder.decoder_norms()[j].sum() > 0.1
+
+
+def test_resample_matching_the_living_scale_wins_a_topk_slot_where_the_initial_scale_does_not():
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 8)
+    fired = {}
+    for match in (False, True):
+        torch.manual_seed(0)
+        cc = Crosscoder(2, 8, 16, activation="topk", k=2, dec_init_norm=0.1, sparse=False)
+        with torch.no_grad():  # the living latents have grown well past the initial scale, as in training
+            cc.W_dec.mul_(10)
+            cc.W_enc.mul_(10)
+        dead = torch.zeros(16, dtype=torch.bool)
+        dead[5] = True
+        idx = revival.resample(cc, x, dead, generator=torch.Generator().manual_seed(0), match_living=match)
+        token = int(((cc.W_dec[5].reshape(-1) @ (x - cc.b_dec).reshape(64, -1).T)).argmax())
+        with torch.no_grad():
+            fired[match] = bool(cc(x[token:token + 1]).latents[0, idx[0]] > 0)
+        if match:
+            living = cc.W_dec[~dead].reshape(15, -1).norm(dim=-1).mean()
+            assert cc.W_dec[5].norm().item() == pytest.approx(living.item(), rel=1e-5)
+    assert fired == {False: False, True: True}
+
+
 def test_resample_sets_rows_toward_high_loss_tokens_and_zeroes_their_adam_state():
     torch.manual_seed(0)
     cc = Crosscoder(2, 8, 16, activation="relu", dec_init_norm=0.1)
