@@ -144,18 +144,23 @@ def test_relu_latent_forced_dead_comes_back_with_resampling(resample_every):
         assert "train/resampled" in module.trainer.callback_metrics
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_topk_latent_forced_dead_comes_back_with_resampling(activation):
+@pytest.mark.parametrize("activation, until", [("topk", None), ("batchtopk", None), ("topk", 5)])
+def test_topk_latent_forced_dead_comes_back_with_resampling(activation, until):
     batches = _toy_batches()
     torch.manual_seed(0)
     module = CrosscoderModule(2, 8, d_sae=16, activation=activation, k=3, l1_coef=0.0, lr=3e-3, lr_warmup_steps=0,
-                              lr_decay_start=10_000, revive_window_tokens=64 * 4, resample_every=10, sparse=True)
+                              lr_decay_start=10_000, revive_window_tokens=64 * 4, resample_every=10,
+                              resample_until=until, sparse=True)
     j = 3
     with torch.no_grad():  # as in the AuxK test: latent 3's score is ~0, it never wins a slot by itself
         module.crosscoder.W_dec[j] *= 1e-4
     _train(module, batches, 45)
-    assert module.dict_metrics[0].firing.fired_count[j] > 0
-    assert module.crosscoder.decoder_norms()[j].sum() > 0.1
+    if until == 5:  # resampling ends before its first turn (step 10): latent 3 stays dead, and counted dead
+        assert module.dict_metrics[0].firing.fired_count[j] == 0
+        assert revival.dead_mask(module.dict_metrics[0].firing, 64 * 4)[j]
+    else:
+        assert module.dict_metrics[0].firing.fired_count[j] > 0
+        assert module.crosscoder.decoder_norms()[j].sum() > 0.1
 
 
 def test_resample_matching_the_living_scale_wins_a_topk_slot_where_the_initial_scale_does_not():
