@@ -126,7 +126,7 @@ def resample(cc, x: torch.Tensor, dead: torch.Tensor, optimizer=None, dec_init_n
     alive = ~dead if (~dead).any() else torch.ones_like(dead)
     enc_norm = cc.W_enc.reshape(-1, cc.d_sae).norm(dim=0)[alive].mean()
     if match_living:
-        dec_norm, enc_norm = W_dec[alive].reshape(int(alive.sum()), -1).norm(dim=-1).mean(), enc_norm
+        dec_norm = W_dec[alive].reshape(int(alive.sum()), -1).norm(dim=-1).mean()
     else:  # Bricken et al.: each snapshot's decoder norm ~ dec_init_norm as at init, the encoder at 0.2x the living
         dec_norm, enc_norm = dec_init_norm * S ** 0.5, 0.2 * enc_norm
     W_dec[idx] = (v * dec_norm).view(n, S, D)
