@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -36,6 +35,7 @@ import torch
 
 from data.format import atomic_path, write_atomic
 from data.synthetic import SyntheticConfig, feature_recovery, make_truth, sample_chunk
+from data.synthetic import normalisation as synthetic_normalisation
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -80,9 +80,8 @@ class Batches(torch.utils.data.IterableDataset):
 
 def normalisation(truth, n_tokens: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale [S], raw mean [S, D]) as the datamodule computes them, from training-like tokens (chunk 999,999)."""
-    acts = sample_chunk(truth, HELDOUT_CHUNK - 1, n_tokens)[0].astype(np.float64)
-    scale = math.sqrt(truth.config.d_model) / np.linalg.norm(acts, axis=-1).mean(0)
-    return torch.tensor(scale, dtype=torch.float32), torch.tensor(acts.mean(0), dtype=torch.float32)
+    scale, mean = synthetic_normalisation(truth, HELDOUT_CHUNK - 1, n_tokens)
+    return torch.tensor(scale, dtype=torch.float32), torch.tensor(mean, dtype=torch.float32)
 
 
 def train_one(synth: SyntheticConfig, activation: str, setting: str, value: float, d_sae: int, steps: int,

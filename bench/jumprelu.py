@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from crosscoder.metrics import ExplainedVariance  # noqa: E402
 from crosscoder.model import Crosscoder  # noqa: E402
-from data.synthetic import SyntheticConfig, feature_recovery, make_truth, sample_chunk  # noqa: E402
+from data.synthetic import SyntheticConfig, feature_recovery, make_truth, normalisation, sample_chunk  # noqa: E402
 
 
 class Data:
@@ -43,9 +42,9 @@ class Data:
 
     def __init__(self, cfg: SyntheticConfig, batch: int):
         self.truth, self.batch = make_truth(cfg), batch
-        acts = self.raw(10_000, 8192)
-        self.scale = torch.tensor(math.sqrt(cfg.d_model) / np.linalg.norm(acts, axis=-1).mean(0), dtype=torch.float32)
-        self.mean = torch.from_numpy(acts.mean(0)).float() * self.scale[:, None]
+        scale, mean = normalisation(self.truth, 10_000, 8192)
+        self.scale = torch.tensor(scale, dtype=torch.float32)
+        self.mean = torch.tensor(mean, dtype=torch.float32) * self.scale[:, None]
 
     def raw(self, chunk: int, n: int) -> np.ndarray:
         return sample_chunk(self.truth, chunk, n)[0]

@@ -198,6 +198,14 @@ def sample_chunk(truth: Truth, chunk: int, n_tokens: int) -> tuple[np.ndarray, n
     return acts, tokens, fired
 
 
+def normalisation(truth: Truth, chunk: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale [S], raw mean [S, D]) from chunk ``chunk`` of ``n_tokens`` tokens, in float64, as the datamodule
+    normalises: scale brings each snapshot's mean activation norm to sqrt(D). For benchmarks that draw batches from
+    the generator in memory instead of reading a written dataset."""
+    acts = sample_chunk(truth, chunk, n_tokens)[0].astype(np.float64)
+    return math.sqrt(truth.config.d_model) / np.linalg.norm(acts, axis=-1).mean(0), acts.mean(0)
+
+
 def generate(cfg: SyntheticConfig, out: str | Path) -> Manifest:
     """Write a dataset (shards + manifest) and its ground truth (truth.safetensors, truth.json) to ``out``."""
     out = Path(out)
