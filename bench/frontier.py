@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(args=vars(args), datasets={k: dataclasses.asdict(v) for k, v in datasets.items()},
                 settings={k: {"setting": s, "values": v} for k, (s, v) in settings.items()})
     stem, out = args.stem or ("frontier_quick" if args.quick else "frontier"), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs: the first finished run writes its partial results here
     t0 = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:

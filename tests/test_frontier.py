@@ -37,15 +37,16 @@ def test_recovery_is_the_planted_features_best_mean_cosine():
 def test_sweep_orders_l0_by_l1_coef_and_writes_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(frontier, "DATASETS", {"default": TOY})
     monkeypatch.setattr(frontier, "SETTINGS", {"relu": ("l1_coef", [0.3, 10.0])})
-    frontier.main(["--steps", "200", "--batch", "256", "--d-sae", "32", "--jobs", "1", "--out", str(tmp_path)])
-    runs = json.loads((tmp_path / "frontier.json").read_text())["runs"]
+    out = tmp_path / "results" / "new"  # a folder that does not exist yet: made before the first run finishes
+    frontier.main(["--steps", "200", "--batch", "256", "--d-sae", "32", "--jobs", "1", "--out", str(out)])
+    runs = json.loads((out / "frontier.json").read_text())["runs"]
     assert [(r["activation"], r["value"]) for r in runs] == [("relu", 0.3), ("relu", 10.0)]
     assert runs[1]["l0"] < 0.7 * runs[0]["l0"]  # 33x the L1 weight: a clearly sparser code
-    with open(tmp_path / "frontier.csv") as f:
+    with open(out / "frontier.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and float(rows[1]["l0"]) == pytest.approx(runs[1]["l0"])
     assert set(frontier.COLUMNS) <= set(runs[0])
     import matplotlib.pyplot as plt
-    img = plt.imread(tmp_path / "frontier.png")
+    img = plt.imread(out / "frontier.png")
     assert img.shape[0] > 300 and img[..., :3].std() > 0.05
-    assert not (tmp_path / "frontier.partial.json").exists()
+    assert not (out / "frontier.partial.json").exists()
