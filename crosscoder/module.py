@@ -46,7 +46,8 @@ class CrosscoderModule(L.LightningModule):
                  lr_warmup_steps: int | float = 0.01, lr_decay_start: float = 0.8, lr_final_factor: float = 0.0,
                  dead_window_tokens: int = 1_000_000, tanh_c: float = 4.0, tanh_s: float = 0.01,
                  threshold_lr_factor: float = 1.0, sparse: bool | None = None, snapshot_names: list[str] | None = None,
-                 aux_k: int | None = None, aux_coef: float = 0.0, revive_window_tokens: int | None = None,
+                 aux_k: int | None = None, aux_coef: float = 0.0, preact_coef: float = 0.0,
+                 revive_window_tokens: int | None = None,
                  resample_every: int = 0, resample_until: int | float | None = None,
                  norm_scale: torch.Tensor | list[float] | None = None,
                  data_mean: torch.Tensor | list[list[float]] | None = None):
@@ -60,8 +61,9 @@ class CrosscoderModule(L.LightningModule):
         dead-feature metric's ``dead_window_tokens``, so what is revived is what the metric calls dead): every
         activation can resample them every ``resample_every`` steps (0: never) until ``resample_until`` (None: the
         LR decay start); topk / batchtopk can add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token
-        (None: d_model // 2). Both are off unless given (checkpoints from before load unchanged); conf/crosscoder/
-        turns resampling on.
+        (None: d_model // 2); jumprelu can add ``preact_coef`` x the pre-activation loss of its dead latents. All are
+        off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns resampling on, and the
+        pre-activation loss for jumprelu.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
@@ -74,6 +76,11 @@ class CrosscoderModule(L.LightningModule):
             if value < 0 or isinstance(value, float) and value > 1 and not value.is_integer():
                 raise ValueError(f"crosscoder.{key}={value}: give a step count (int) or a fraction of "
                                  "trainer.max_steps in [0, 1]")
+        revival_terms = (("aux_coef", aux_coef, ("topk", "batchtopk")), ("preact_coef", preact_coef, ("jumprelu",)))
+        for key, value, activations in revival_terms:
+            if value and activation not in activations:  # a revival term the chosen activation would silently ignore
+                raise ValueError(f"crosscoder.{key}={value} applies to activation {' / '.join(activations)}, not "
+                                 f"'{activation}'; leave it 0")
         d_saes, l1_coefs = _as_list(d_sae), _as_list(l1_coef)
         if len(d_saes) > 1 and len(l1_coefs) > 1 and len(d_saes) != len(l1_coefs):
             raise ValueError(f"crosscoder.d_sae {d_saes} and crosscoder.l1_coef {l1_coefs}: give lists of one "
@@ -102,6 +109,7 @@ class CrosscoderModule(L.LightningModule):
         self.last_validated_step = -1
         self.auxk = activation in ("topk", "batchtopk") and aux_coef > 0
         self.aux_k = int(aux_k) if aux_k else max(1, d_model // 2)
+        self.preact = activation == "jumprelu" and preact_coef > 0
         self.revive_window = int(revive_window_tokens) if revive_window_tokens else int(dead_window_tokens)
 
     @property
@@ -152,9 +160,10 @@ class CrosscoderModule(L.LightningModule):
             terms = cc.loss_terms(x, out)
             coef = self.l1_coefs[i] * warm
             loss = terms.mse + coef * terms.sparsity
-            dead = revival.dead_mask(metrics.firing, self.revive_window) if self.auxk else None
-            if dead is not None:  # AuxK: the dead latents reconstruct the residual
-                aux = revival.auxk_loss(cc, x, out, dead, self.aux_k, self.hparams.aux_coef)
+            dead = revival.dead_mask(metrics.firing, self.revive_window) if self.auxk or self.preact else None
+            if dead is not None:  # AuxK: the dead latents reconstruct the residual; preact: they are pushed open
+                aux = (revival.auxk_loss(cc, x, out, dead, self.aux_k, self.hparams.aux_coef) if self.auxk else
+                       revival.preact_loss(cc, x, dead, self.hparams.preact_coef))
                 self.log_dict({self.tag(i, "train/aux_loss"): aux, self.tag(i, "train/aux_dead"): dead.sum().float()})
                 loss = loss + aux
             if not torch.isfinite(loss):

@@ -1,4 +1,5 @@
-"""Dead-latent revival: the AuxK auxiliary loss (TopK / BatchTopK) and resampling (relu / jumprelu / paper).
+"""Dead-latent revival: resampling (every activation), the AuxK auxiliary loss (TopK / BatchTopK) and the
+pre-activation loss (JumpReLU).
 
 A latent is *dead for revival* once it has fired on none of the last ``window`` training tokens. The counts come
 from ``FeatureFiring`` (crosscoder/metrics.py), whose state is summed over all DDP ranks at every step and is the
@@ -16,6 +17,13 @@ residual the dead latents fail to explain), without b_dec. Its gradient reaches 
 columns, biases and decoder rows, which the main loss leaves untouched while they are dead. It is computed from
 the [B, F] pre-activations the forward pass has anyway and decoded with an ``embedding_bag`` over the B * k_aux
 entries, so the sparse TopK path stays sparse (no dense [B, F] decode, no dense encoder backward).
+
+The pre-activation loss (JumpReLU; Anthropic's "Circuits Updates - January 2025" adds it for every latent, here
+only the dead ones): preact_coef * mean_b sum_{i dead} relu(t_i - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no
+gradient), how far each dead latent's gate input falls short of its threshold. The L0 penalty closes latents the
+data does not need, and a closed latent outside the threshold's straight-through window gets no gradient at all;
+this term raises its pre-activations and lowers its threshold until it opens on its own best tokens, then stops
+(the latent is no longer dead). Its backward is a matmul over the dead columns only, on the dense and sparse paths.
 
 Resampling (Bricken et al. 2023, "Towards Monosemanticity", and the dictionary_learning recipe): every
 ``resample_every`` steps each dead latent is re-initialised toward one token of the batch drawn with probability
@@ -83,6 +91,23 @@ def auxk_loss(cc, x: torch.Tensor, out, dead: torch.Tensor, k_aux: int, coef: fl
     e = (x - out.recon).detach().to(e_hat.dtype)
     var = (e - e.mean(0)).pow(2).sum()
     return coef * (e_hat - e).pow(2).sum() / var.clamp_min(torch.finfo(var.dtype).tiny)
+
+
+def preact_loss(cc, x: torch.Tensor, dead: torch.Tensor, coef: float) -> torch.Tensor:
+    """JumpReLU revival: ``coef`` x mean over tokens of sum_{i dead} relu(t_i - pre_bi * n_i), n_i = sum_s
+    ||W_dec[i, s]|| (no gradient), i.e. how far each dead latent's gate input falls short of its threshold, in the
+    threshold's units; 0 (a tensor) when no latent is dead. The pre-activation loss of Anthropic's January 2025
+    update, applied to the dead latents only: its gradient raises their pre-activations (encoder column, bias)
+    and lowers their thresholds until they open on their own best tokens, and touches no living latent."""
+    dead_idx = dead.nonzero().squeeze(-1)
+    if len(dead_idx) == 0 or coef == 0:
+        return x.new_zeros(())
+    B = x.shape[0]
+    # the dead columns' pre-activations again, with their own graph: the same numbers as the forward's on either
+    # path, and a backward over the dead columns only ([B, n_dead], not the dense [B, F] of the whole encoder)
+    pre = x.reshape(B, -1) @ cc.W_enc.reshape(-1, cc.d_sae)[:, dead_idx] + cc.b_enc[dead_idx]
+    n = cc.decoder_norms().sum(-1).detach()[dead_idx]
+    return coef * torch.relu(cc.log_threshold.exp()[dead_idx] - pre * n).sum() / B
 
 
 def _reset_adam_rows(optimizer, cc, idx: torch.Tensor) -> None:

@@ -277,3 +277,71 @@ def test_resample_resets_thresholds_of_the_gated_activations(activation):
     assert cc.log_threshold[4].item() == pytest.approx(math.log(0.01))
     assert opt.state[cc.log_threshold]["exp_avg"][4] == 0 and opt.state[cc.log_threshold]["exp_avg"].abs().sum() > 0
     assert torch.isfinite(cc(x).recon).all()
+
+
+def _jumprelu_crosscoder(sparse: bool, S=3, D=8, F=32, seed=0) -> Crosscoder:
+    torch.manual_seed(seed)
+    cc = Crosscoder(S, D, F, activation="jumprelu", dec_init_norm=0.3, jumprelu_init_threshold=0.5,
+                    jumprelu_bandwidth=0.1, sparse=sparse)
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.rand(F, S, 1) + 0.5)
+        cc.W_enc.add_(0.05 * torch.randn_like(cc.W_enc))
+        cc.b_enc.normal_(0, 0.05)
+        cc.log_threshold.add_(0.3 * torch.randn(F))
+    return cc
+
+
+def test_preact_loss_and_gradients_match_float64_reference():
+    cc = _jumprelu_crosscoder(sparse=True)
+    B, F, coef = 48, 32, 0.5
+    x = torch.randn(B, 3, 8, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[torch.randperm(F, generator=torch.Generator().manual_seed(2))[:12]] = True
+    loss = revival.preact_loss(cc, x, dead, coef)
+    loss.backward()
+
+    # float64 by hand: coef x mean_b sum_{i dead} relu(t_i - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| held fixed
+    W_enc = cc.W_enc.detach().double().requires_grad_()
+    b_enc = cc.b_enc.detach().double().requires_grad_()
+    log_t = cc.log_threshold.detach().double().requires_grad_()
+    n = cc.W_dec.detach().double().norm(dim=-1).sum(-1)
+    pre = torch.einsum("bsd,sdf->bf", x.double(), W_enc) + b_enc
+    ref = coef * torch.relu(log_t.exp() - pre * n)[:, dead].sum() / B
+    ref.backward()
+
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and ref.item() > 0
+    for got, want in ((cc.W_enc.grad, W_enc.grad), (cc.b_enc.grad, b_enc.grad), (cc.log_threshold.grad, log_t.grad)):
+        assert want.abs().max() > 1e-4
+        np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-4, atol=1e-7)
+    # only the dead latents' parameters move; the decoder is not touched
+    assert cc.W_enc.grad[..., ~dead].abs().max() == 0 and cc.log_threshold.grad[~dead].abs().max() == 0
+    assert cc.W_dec.grad is None
+    assert revival.preact_loss(cc, x, torch.zeros(F, dtype=torch.bool), coef).item() == 0
+
+
+@pytest.mark.parametrize("preact_coef", [0.0, 0.01])
+def test_jumprelu_latent_forced_dead_comes_back_with_the_preact_loss(preact_coef):
+    batches = _toy_batches()
+    torch.manual_seed(0)
+    module = CrosscoderModule(2, 8, d_sae=16, activation="jumprelu", l1_coef=0.01, lr=3e-3, lr_warmup_steps=0,
+                              lr_decay_start=10_000, jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.1,
+                              threshold_lr_factor=10.0, revive_window_tokens=64 * 4, preact_coef=preact_coef)
+    j = 5
+    with torch.no_grad():  # latent 5 sits far below its threshold on every token: no gradient reaches it
+        module.crosscoder.b_enc[j] = -3.0
+    assert not _fires(module, batches, j)
+    _train(module, batches, 60)
+    fired = module.dict_metrics[0].firing.fired_count[j]
+    if preact_coef == 0:  # without it, dead for good (so the branch below could fail)
+        assert fired == 0 and not _fires(module, batches, j)
+    else:
+        assert fired > 0 and module.crosscoder.b_enc[j] > -3.0
+        assert "train/aux_loss" in module.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("activation, key", [("relu", "aux_coef"), ("paper", "preact_coef"), ("topk", "preact_coef"),
+                                             ("jumprelu", "aux_coef")])
+def test_a_revival_term_the_activation_would_ignore_is_an_error(activation, key):
+    with pytest.raises(ValueError, match=rf"crosscoder\.{key}=0\.5 applies to activation .*, not '{activation}'"):
+        CrosscoderModule(2, 8, d_sae=16, activation=activation, k=4, **{key: 0.5})
+    CrosscoderModule(2, 8, d_sae=16, activation=activation, k=4, **{key: 0.0})  # 0, the presets' value, is fine
