@@ -210,6 +210,9 @@ class CrosscoderModule(L.LightningModule):
                                    generator=generator, match_living=self.hparams.activation in ("topk", "batchtopk"))
             self.log(self.tag(i, "train/resampled"), float(len(idx)))
 
+    def setup(self, stage: str) -> None:
+        revival.check_strategy(self.trainer.strategy, self.hparams.resample_every)
+
     # ---- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         x = self.normalise(batch)

@@ -110,6 +110,18 @@ def preact_loss(cc, x: torch.Tensor, dead: torch.Tensor, coef: float) -> torch.T
     return coef * torch.relu(cc.log_threshold.exp()[dead_idx] - pre * n).sum() / B
 
 
+def check_strategy(strategy, resample_every: int) -> None:
+    """Resampling rewrites single rows of W_enc / W_dec and their Adam moments in place. Under FSDP those tensors are
+    flat shards spread over the ranks, so the rows are not there to rewrite: refuse before training starts rather
+    than fail (or corrupt a shard) at the first resampling turn."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if resample_every and isinstance(strategy, FSDPStrategy):
+        raise ValueError(f"crosscoder.resample_every={resample_every} with trainer=fsdp: resampling rewrites rows of "
+                         "W_enc / W_dec and their Adam state, which FSDP shards across ranks; set "
+                         "crosscoder.resample_every=0 (experiment=paper_pythia6.9b does)")
+
+
 def _reset_adam_rows(optimizer, cc, idx: torch.Tensor) -> None:
     """Zero the Adam moments (exp_avg, exp_avg_sq, max_exp_avg_sq) of latents ``idx`` in every per-latent parameter."""
     for p, dim in ((cc.W_enc, 2), (cc.b_enc, 0), (cc.W_dec, 0), (getattr(cc, "log_threshold", None), 0)):

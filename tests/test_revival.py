@@ -345,3 +345,12 @@ def test_a_revival_term_the_activation_would_ignore_is_an_error(activation, key)
     with pytest.raises(ValueError, match=rf"crosscoder\.{key}=0\.5 applies to activation .*, not '{activation}'"):
         CrosscoderModule(2, 8, d_sae=16, activation=activation, k=4, **{key: 0.5})
     CrosscoderModule(2, 8, d_sae=16, activation=activation, k=4, **{key: 0.0})  # 0, the presets' value, is fine
+
+
+def test_resampling_under_fsdp_is_refused_before_training():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    with pytest.raises(ValueError, match=r"resample_every=250 with trainer=fsdp: .* set crosscoder\.resample_every=0"):
+        revival.check_strategy(FSDPStrategy(), 250)
+    revival.check_strategy(FSDPStrategy(), 0)  # no resampling: nothing rewrites rows
+    revival.check_strategy(DDPStrategy(), 250)  # DDP keeps whole tensors on every rank

@@ -61,6 +61,7 @@ def test_paper_pythia69b_is_fsdp_over_8_gpus_with_rotated_snapshots(tmp_path):
     cfg = compose_train(["experiment=paper_pythia6.9b"], tmp_path)
     assert cfg.trainer.strategy._target_.endswith("FSDPStrategy") and cfg.trainer.devices == 8
     assert cfg.data.placement == "rotate" and cfg.model.layer == 16 and cfg.crosscoder.d_sae == 32768
+    assert cfg.crosscoder.resample_every == 0  # FSDP shards the rows resampling would rewrite (test_revival.py)
     shape = scale.shape_from_config(cfg)
     assert shape.batch == 4096 and shape.devices == 8
     p = scale.predict(shape, "H200 141GB")
