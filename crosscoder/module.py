@@ -61,9 +61,9 @@ class CrosscoderModule(L.LightningModule):
         dead-feature metric's ``dead_window_tokens``, so what is revived is what the metric calls dead): every
         activation can resample them every ``resample_every`` steps (0: never) until ``resample_until`` (None: the
         LR decay start); topk / batchtopk can add ``aux_coef`` x the AuxK loss over ``aux_k`` dead latents per token
-        (None: d_model // 2); jumprelu can add ``preact_coef`` x the pre-activation loss of its dead latents. All are
-        off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns resampling on, and the
-        pre-activation loss for jumprelu.
+        (None: d_model // 2); jumprelu / topk / batchtopk can add ``preact_coef`` x the pre-activation loss of their dead
+        latents. All are off unless given (checkpoints from before load unchanged); conf/crosscoder/ turns resampling
+        on, and the pre-activation loss for jumprelu, topk and batchtopk.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["norm_scale", "data_mean"])
@@ -76,7 +76,8 @@ class CrosscoderModule(L.LightningModule):
             if value < 0 or isinstance(value, float) and value > 1 and not value.is_integer():
                 raise ValueError(f"crosscoder.{key}={value}: give a step count (int) or a fraction of "
                                  "trainer.max_steps in [0, 1]")
-        revival_terms = (("aux_coef", aux_coef, ("topk", "batchtopk")), ("preact_coef", preact_coef, ("jumprelu",)))
+        revival_terms = (("aux_coef", aux_coef, ("topk", "batchtopk")),
+                         ("preact_coef", preact_coef, ("jumprelu", "topk", "batchtopk")))
         for key, value, activations in revival_terms:
             if value and activation not in activations:  # a revival term the chosen activation would silently ignore
                 raise ValueError(f"crosscoder.{key}={value} applies to activation {' / '.join(activations)}, not "
@@ -109,7 +110,7 @@ class CrosscoderModule(L.LightningModule):
         self.last_validated_step = -1
         self.auxk = activation in ("topk", "batchtopk") and aux_coef > 0
         self.aux_k = int(aux_k) if aux_k else max(1, d_model // 2)
-        self.preact = activation == "jumprelu" and preact_coef > 0
+        self.preact = activation in ("jumprelu", "topk", "batchtopk") and preact_coef > 0
         self.revive_window = int(revive_window_tokens) if revive_window_tokens else int(dead_window_tokens)
 
     @property
@@ -162,8 +163,9 @@ class CrosscoderModule(L.LightningModule):
             loss = terms.mse + coef * terms.sparsity
             dead = revival.dead_mask(metrics.firing, self.revive_window) if self.auxk or self.preact else None
             if dead is not None:  # AuxK: the dead latents reconstruct the residual; preact: they are pushed open
-                aux = (revival.auxk_loss(cc, x, out, dead, self.aux_k, self.hparams.aux_coef) if self.auxk else
-                       revival.preact_loss(cc, x, dead, self.hparams.preact_coef))
+                aux = revival.auxk_loss(cc, x, out, dead, self.aux_k, self.hparams.aux_coef) if self.auxk else 0.0
+                if self.preact:
+                    aux = aux + revival.preact_loss(cc, x, out, dead, self.hparams.preact_coef)
                 self.log_dict({self.tag(i, "train/aux_loss"): aux, self.tag(i, "train/aux_dead"): dead.sum().float()})
                 loss = loss + aux
             if not torch.isfinite(loss):

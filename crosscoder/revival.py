@@ -1,5 +1,5 @@
-"""Dead-latent revival: resampling (every activation), the AuxK auxiliary loss (TopK / BatchTopK) and the
-pre-activation loss (JumpReLU).
+"""Dead-latent revival: resampling (every activation), the pre-activation loss (JumpReLU, TopK, BatchTopK) and the
+AuxK auxiliary loss (TopK / BatchTopK).
 
 A latent is *dead for revival* once it has fired on none of the last ``window`` training tokens. The counts come
 from ``FeatureFiring`` (crosscoder/metrics.py), whose state is summed over all DDP ranks at every step and is the
@@ -18,12 +18,15 @@ columns, biases and decoder rows, which the main loss leaves untouched while the
 the [B, F] pre-activations the forward pass has anyway and decoded with an ``embedding_bag`` over the B * k_aux
 entries, so the sparse TopK path stays sparse (no dense [B, F] decode, no dense encoder backward).
 
-The pre-activation loss (JumpReLU; Anthropic's "Circuits Updates - January 2025" adds it for every latent, here
-only the dead ones): preact_coef * mean_b sum_{i dead} relu(t_i - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no
-gradient), how far each dead latent's gate input falls short of its threshold. The L0 penalty closes latents the
-data does not need, and a closed latent outside the threshold's straight-through window gets no gradient at all;
-this term raises its pre-activations and lowers its threshold until it opens on its own best tokens, then stops
-(the latent is no longer dead). Its backward is a matmul over the dead columns only, on the dense and sparse paths.
+The pre-activation loss (Anthropic's "Circuits Updates - January 2025" adds it for every latent of a JumpReLU
+dictionary; here it acts on the dead ones only, for JumpReLU, TopK and BatchTopK): preact_coef * mean_b
+sum_{i dead} relu(bar - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no gradient), how far each dead latent's gate
+input falls short of what it must pass to fire: its threshold (JumpReLU), the token's k-th largest score (TopK),
+the batch threshold (BatchTopK). A latent the sparsity constraint has shut out gets no gradient from the main loss;
+this term raises its pre-activations (and lowers a JumpReLU threshold) until it fires on its own best tokens, then
+stops, the latent being alive again. Unlike resampling it moves no latent to a new direction, and unlike AuxK it
+needs no structure left in the residual (on planted data the residual is noise, and AuxK revives nothing). Its
+backward is a matmul over the dead columns only, on the dense and sparse paths.
 
 Resampling (Bricken et al. 2023, "Towards Monosemanticity", and the dictionary_learning recipe): every
 ``resample_every`` steps each dead latent is re-initialised toward one token of the batch drawn with probability
@@ -93,21 +96,28 @@ def auxk_loss(cc, x: torch.Tensor, out, dead: torch.Tensor, k_aux: int, coef: fl
     return coef * (e_hat - e).pow(2).sum() / var.clamp_min(torch.finfo(var.dtype).tiny)
 
 
-def preact_loss(cc, x: torch.Tensor, dead: torch.Tensor, coef: float) -> torch.Tensor:
-    """JumpReLU revival: ``coef`` x mean over tokens of sum_{i dead} relu(t_i - pre_bi * n_i), n_i = sum_s
-    ||W_dec[i, s]|| (no gradient), i.e. how far each dead latent's gate input falls short of its threshold, in the
-    threshold's units; 0 (a tensor) when no latent is dead. The pre-activation loss of Anthropic's January 2025
-    update, applied to the dead latents only: its gradient raises their pre-activations (encoder column, bias)
-    and lowers their thresholds until they open on their own best tokens, and touches no living latent."""
+def preact_loss(cc, x: torch.Tensor, out, dead: torch.Tensor, coef: float) -> torch.Tensor:
+    """The pre-activation loss of the dead latents (module docstring): ``coef`` x mean over tokens of
+    sum_{i dead} relu(bar - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no gradient): how far each dead latent's
+    gate input falls short of what it must pass to fire. The bar is the latent's own threshold t_i for jumprelu
+    (trained by this term too), the token's k-th largest score relu(pre) * n for topk, and the batch threshold for
+    batchtopk (both without gradient). 0 (a tensor) when no latent is dead; ``out`` is cc's forward on x."""
     dead_idx = dead.nonzero().squeeze(-1)
     if len(dead_idx) == 0 or coef == 0:
         return x.new_zeros(())
     B = x.shape[0]
+    n_all = cc.decoder_norms().sum(-1).detach()
+    if cc.activation == "jumprelu":
+        bar = cc.log_threshold.exp()[dead_idx]
+    elif cc.activation == "topk":
+        with torch.no_grad():
+            bar = (torch.relu(out.pre_acts.detach()) * n_all).topk(cc.k, dim=-1).values[:, -1:]  # [B, 1]
+    else:
+        bar = cc.batchtopk_threshold.detach().clamp(min=0)
     # the dead columns' pre-activations again, with their own graph: the same numbers as the forward's on either
     # path, and a backward over the dead columns only ([B, n_dead], not the dense [B, F] of the whole encoder)
     pre = x.reshape(B, -1) @ cc.W_enc.reshape(-1, cc.d_sae)[:, dead_idx] + cc.b_enc[dead_idx]
-    n = cc.decoder_norms().sum(-1).detach()[dead_idx]
-    return coef * torch.relu(cc.log_threshold.exp()[dead_idx] - pre * n).sum() / B
+    return coef * torch.relu(bar - pre * n_all[dead_idx]).sum() / B
 
 
 def check_strategy(strategy, resample_every: int) -> None:

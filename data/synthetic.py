@@ -62,6 +62,8 @@ class SyntheticConfig:
     frac_emergent: float = 0.5  # fraction born after snapshot 0 that persist to the end
     frac_transient: float = 0.25  # fraction born after snapshot 0 that die before the end
     seed: int = 0  # seeds the dictionary and every chunk of tokens
+    val_shards: int = 1  # the last N shards are the validation split, recorded in the manifest with the statistics
+    # of the other shards (train_stats): every token is an independent draw, so a shard is as held out as a document
 
     def check(self) -> None:
         """One-line ValueError naming the first bad field."""
@@ -214,9 +216,15 @@ def generate(cfg: SyntheticConfig, out: str | Path) -> Manifest:
         raise ValueError(f"data.synthetic: out={out} is not empty; choose a new folder")
     T = cfg.tokens_per_sample
     n_samples = -(-cfg.n_tokens // T)
+    n_shards = -(-n_samples // cfg.samples_per_shard)
+    # checked here, not in check(): in-memory uses of a config (bench.frontier) write no shards
+    if cfg.val_shards < 1 or cfg.val_shards >= n_shards:
+        raise ValueError(f"data.synthetic: val_shards={cfg.val_shards} needs 1 <= val_shards < shards; n_tokens="
+                         f"{cfg.n_tokens} makes {n_shards} shard(s) of samples_per_shard={cfg.samples_per_shard}")
     writer = DatasetWriter(out, model="synthetic", hook_point="synthetic", snapshots=cfg.snapshots(),
                            d_model=cfg.d_model, tokens_per_sample=T, dtype=cfg.dtype,
-                           samples_per_shard=cfg.samples_per_shard, extra={"generator": dataclasses.asdict(cfg)})
+                           samples_per_shard=cfg.samples_per_shard, extra={"generator": dataclasses.asdict(cfg)},
+                           split=dict(rule="independent_samples", val_shards=cfg.val_shards))
     with writer, tqdm(total=n_samples * T, unit="tok", unit_scale=True, desc=f"synthetic -> {out}") as bar:
         for chunk, first in enumerate(range(0, n_samples, CHUNK_SAMPLES)):
             n = min(CHUNK_SAMPLES, n_samples - first)

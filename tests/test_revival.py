@@ -291,46 +291,64 @@ def _jumprelu_crosscoder(sparse: bool, S=3, D=8, F=32, seed=0) -> Crosscoder:
     return cc
 
 
-def test_preact_loss_and_gradients_match_float64_reference():
-    cc = _jumprelu_crosscoder(sparse=True)
+@pytest.mark.parametrize("activation", ["jumprelu", "topk", "batchtopk"])
+def test_preact_loss_and_gradients_match_float64_reference(activation):
+    cc = _jumprelu_crosscoder(sparse=True) if activation == "jumprelu" else _topk_crosscoder(sparse=True)
+    cc.activation = activation
     B, F, coef = 48, 32, 0.5
     x = torch.randn(B, 3, 8, generator=torch.Generator().manual_seed(1))
     dead = torch.zeros(F, dtype=torch.bool)
     dead[torch.randperm(F, generator=torch.Generator().manual_seed(2))[:12]] = True
-    loss = revival.preact_loss(cc, x, dead, coef)
+    cc.train()
+    out = cc(x)
+    loss = revival.preact_loss(cc, x, out, dead, coef)
     loss.backward()
 
-    # float64 by hand: coef x mean_b sum_{i dead} relu(t_i - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| held fixed
+    # float64 by hand: coef x mean_b sum_{i dead} relu(bar - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| held fixed;
+    # the bar: jumprelu's own threshold, topk's k-th score of the token, batchtopk's batch threshold
     W_enc = cc.W_enc.detach().double().requires_grad_()
     b_enc = cc.b_enc.detach().double().requires_grad_()
-    log_t = cc.log_threshold.detach().double().requires_grad_()
     n = cc.W_dec.detach().double().norm(dim=-1).sum(-1)
     pre = torch.einsum("bsd,sdf->bf", x.double(), W_enc) + b_enc
-    ref = coef * torch.relu(log_t.exp() - pre * n)[:, dead].sum() / B
+    if activation == "jumprelu":
+        log_t = cc.log_threshold.detach().double().requires_grad_()
+        bar = log_t.exp()
+    elif activation == "topk":
+        bar = (torch.relu(pre.detach()) * n).sort(dim=-1, descending=True).values[:, cc.k - 1:cc.k]
+    else:
+        bar = cc.batchtopk_threshold.double()
+        assert bar > 0  # the forward set it from this batch
+    ref = coef * torch.relu(bar - pre * n)[:, dead].sum() / B
     ref.backward()
 
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and ref.item() > 0
-    for got, want in ((cc.W_enc.grad, W_enc.grad), (cc.b_enc.grad, b_enc.grad), (cc.log_threshold.grad, log_t.grad)):
+    grads = [(cc.W_enc.grad, W_enc.grad), (cc.b_enc.grad, b_enc.grad)]
+    if activation == "jumprelu":
+        grads.append((cc.log_threshold.grad, log_t.grad))
+    for got, want in grads:
         assert want.abs().max() > 1e-4
         np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-4, atol=1e-7)
     # only the dead latents' parameters move; the decoder is not touched
-    assert cc.W_enc.grad[..., ~dead].abs().max() == 0 and cc.log_threshold.grad[~dead].abs().max() == 0
+    assert cc.W_enc.grad[..., ~dead].abs().max() == 0 and cc.b_enc.grad[~dead].abs().max() == 0
     assert cc.W_dec.grad is None
-    assert revival.preact_loss(cc, x, torch.zeros(F, dtype=torch.bool), coef).item() == 0
+    assert revival.preact_loss(cc, x, out, torch.zeros(F, dtype=torch.bool), coef).item() == 0
 
 
-@pytest.mark.parametrize("preact_coef", [0.0, 0.01])
-def test_jumprelu_latent_forced_dead_comes_back_with_the_preact_loss(preact_coef):
+@pytest.mark.parametrize("activation, preact_coef", [("jumprelu", 0.0), ("jumprelu", 0.01), ("topk", 0.0),
+                                                     ("topk", 0.01)])
+def test_latent_forced_dead_comes_back_with_the_preact_loss(activation, preact_coef):
     batches = _toy_batches()
     torch.manual_seed(0)
-    module = CrosscoderModule(2, 8, d_sae=16, activation="jumprelu", l1_coef=0.01, lr=3e-3, lr_warmup_steps=0,
+    l1_coef = 0.01 if activation == "jumprelu" else 0.0
+    module = CrosscoderModule(2, 8, d_sae=16, activation=activation, k=3, l1_coef=l1_coef, lr=3e-3, lr_warmup_steps=0,
                               lr_decay_start=10_000, jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.1,
-                              threshold_lr_factor=10.0, revive_window_tokens=64 * 4, preact_coef=preact_coef)
+                              threshold_lr_factor=10.0, revive_window_tokens=64 * 4, preact_coef=preact_coef, sparse=True)
     j = 5
-    with torch.no_grad():  # latent 5 sits far below its threshold on every token: no gradient reaches it
-        module.crosscoder.b_enc[j] = -3.0
+    with torch.no_grad():  # latent 5 sits far below what it must pass on every token: no gradient reaches it
+        module.crosscoder.b_enc[j] = -3.0 if activation == "jumprelu" else -1.0
     assert not _fires(module, batches, j)
-    _train(module, batches, 60)
+    # Adam moves the bias ~lr a step, and only jumprelu's bar (its threshold, at 10x lr) comes down to meet it
+    _train(module, batches, 60 if activation == "jumprelu" else 200)
     fired = module.dict_metrics[0].firing.fired_count[j]
     if preact_coef == 0:  # without it, dead for good (so the branch below could fail)
         assert fired == 0 and not _fires(module, batches, j)
@@ -339,7 +357,7 @@ def test_jumprelu_latent_forced_dead_comes_back_with_the_preact_loss(preact_coef
         assert "train/aux_loss" in module.trainer.callback_metrics
 
 
-@pytest.mark.parametrize("activation, key", [("relu", "aux_coef"), ("paper", "preact_coef"), ("topk", "preact_coef"),
+@pytest.mark.parametrize("activation, key", [("relu", "aux_coef"), ("paper", "preact_coef"), ("relu", "preact_coef"),
                                              ("jumprelu", "aux_coef")])
 def test_a_revival_term_the_activation_would_ignore_is_an_error(activation, key):
     with pytest.raises(ValueError, match=rf"crosscoder\.{key}=0\.5 applies to activation .*, not '{activation}'"):

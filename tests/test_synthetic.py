@@ -41,6 +41,14 @@ def test_dataset_reads_back_with_the_right_shapes_and_manifest(small):
         st = manifest.stats[name]
         np.testing.assert_allclose(st.mean, acts[:, s].mean(0), atol=1e-5)
         assert st.mean_norm == pytest.approx(np.linalg.norm(acts[:, s], axis=-1).mean(), rel=1e-6)
+    # the last shard is the validation split; the normalisation statistics come from the others only
+    assert manifest.split == {"rule": "independent_samples", "val_shards": 1} and len(manifest.shards) == 6
+    n_train = sum(e.samples for e in manifest.shards[:-1]) * cfg.tokens_per_sample
+    for s, name in enumerate(manifest.snapshot_names):
+        st = manifest.train_stats[name]
+        np.testing.assert_allclose(st.mean, acts[:n_train, s].mean(0), atol=1e-5)
+        assert st.mean_norm == pytest.approx(np.linalg.norm(acts[:n_train, s], axis=-1).mean(), rel=1e-6)
+        assert st.mean_norm != manifest.stats[name].mean_norm
 
 
 def test_activations_follow_the_generative_model(small):
@@ -216,13 +224,17 @@ def test_recovery_catches_a_wrong_peak_a_wrong_birth_and_ignores_absent_snapshot
 
 def test_cli_writes_a_dataset_and_rejects_bad_keys(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [f"out={out}", "n_tokens=640", "tokens_per_sample=32", "d_model=8", "n_features=16", "mean_active=2"]
+    args = [f"out={out}", "n_tokens=640", "tokens_per_sample=32", "d_model=8", "n_features=16", "mean_active=2",
+            "samples_per_shard=10"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "640 tokens" in printed and "16 true features" in printed
     assert read_manifest(out).n_tokens == 640 and load_truth(out).config.d_model == 8
+    assert read_manifest(out).recorded_val_shards == 1  # 2 shards: the second is the validation split
+    one_shard = ["n_tokens=640", "tokens_per_sample=32"]  # 20 samples in one shard of 512: nothing left to train on
     for bad, named in ((["bogus=1"], "unknown key 'bogus'"), (["n_tokens=abc"], "n_tokens"),
-                       (["frac_initial=0.9"], "frac_initial + frac_emergent + frac_transient"), ([], "out=<dir>")):
+                       (["frac_initial=0.9"], "frac_initial + frac_emergent + frac_transient"), ([], "out=<dir>"),
+                       (one_shard, "val_shards=1 needs 1 <= val_shards < shards; n_tokens=640 makes 1 shard(s)")):
         argv = ([f"out={tmp_path / 'x'}"] if bad else []) + bad
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
