@@ -22,9 +22,9 @@ The pre-activation loss (Anthropic's "Circuits Updates - January 2025" adds it f
 dictionary; here it acts on the dead ones only, for JumpReLU, TopK and BatchTopK): preact_coef * mean_b
 sum_{i dead} relu(bar - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no gradient), how far each dead latent's gate
 input falls short of what it must pass to fire: its threshold (JumpReLU), the token's k-th largest score (TopK),
-the batch threshold (BatchTopK). A latent the sparsity constraint has shut out gets no gradient from the main loss;
-this term raises its pre-activations (and lowers a JumpReLU threshold) until it fires on its own best tokens, then
-stops, the latent being alive again. Unlike resampling it moves no latent to a new direction, and unlike AuxK it
+the running batch threshold (BatchTopK). A latent the sparsity constraint has shut out gets no gradient from the
+main loss; this term raises its pre-activations (and lowers a JumpReLU threshold) until it fires on its own best
+tokens, then stops, the latent being alive again. Unlike resampling it moves no latent to a new direction, and unlike AuxK it
 needs no structure left in the residual (on planted data the residual is noise, and AuxK revives nothing). Its
 backward is a matmul over the dead columns only, on the dense and sparse paths.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 
 from crosscoder.sparse import Active, _encoder_grads, _offsets, decode
 
@@ -100,8 +101,9 @@ def preact_loss(cc, x: torch.Tensor, out, dead: torch.Tensor, coef: float) -> to
     """The pre-activation loss of the dead latents (module docstring): ``coef`` x mean over tokens of
     sum_{i dead} relu(bar - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no gradient): how far each dead latent's
     gate input falls short of what it must pass to fire. The bar is the latent's own threshold t_i for jumprelu
-    (trained by this term too), the token's k-th largest score relu(pre) * n for topk, and the batch threshold for
-    batchtopk (both without gradient). 0 (a tensor) when no latent is dead; ``out`` is cc's forward on x."""
+    (trained by this term too), the token's k-th largest score relu(pre) * n for topk, and for batchtopk the
+    running batch threshold (``batchtopk_threshold``, which the training forward has just updated); those two
+    without gradient. 0 (a tensor) when no latent is dead; ``out`` is cc's forward on x."""
     dead_idx = dead.nonzero().squeeze(-1)
     if len(dead_idx) == 0 or coef == 0:
         return x.new_zeros(())
@@ -124,8 +126,6 @@ def check_strategy(strategy, resample_every: int) -> None:
     """Resampling rewrites single rows of W_enc / W_dec and their Adam moments in place. Under FSDP those tensors are
     flat shards spread over the ranks, so the rows are not there to rewrite: refuse before training starts rather
     than fail (or corrupt a shard) at the first resampling turn."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if resample_every and isinstance(strategy, FSDPStrategy):
         raise ValueError(f"crosscoder.resample_every={resample_every} with trainer=fsdp: resampling rewrites rows of "
                          "W_enc / W_dec and their Adam state, which FSDP shards across ranks; set "
