@@ -108,9 +108,9 @@ class CrosscoderModule(L.LightningModule):
             self.crosscoders.append(cc)
             self.dict_metrics.append(DictionaryMetrics(n_snapshots, d_model, f, dead_window_tokens))
         self.last_validated_step = -1
-        self.auxk = activation in ("topk", "batchtopk") and aux_coef > 0
+        self.auxk = aux_coef > 0  # the activation was checked above
         self.aux_k = int(aux_k) if aux_k else max(1, d_model // 2)
-        self.preact = activation in ("jumprelu", "topk", "batchtopk") and preact_coef > 0
+        self.preact = preact_coef > 0
         self.revive_window = int(revive_window_tokens) if revive_window_tokens else int(dead_window_tokens)
 
     @property

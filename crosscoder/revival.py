@@ -24,9 +24,9 @@ sum_{i dead} relu(bar - pre_bi * n_i), n_i = sum_s ||W_dec[i, s]|| (no gradient)
 input falls short of what it must pass to fire: its threshold (JumpReLU), the token's k-th largest score (TopK),
 the running batch threshold (BatchTopK). A latent the sparsity constraint has shut out gets no gradient from the
 main loss; this term raises its pre-activations (and lowers a JumpReLU threshold) until it fires on its own best
-tokens, then stops, the latent being alive again. Unlike resampling it moves no latent to a new direction, and unlike AuxK it
-needs no structure left in the residual (on planted data the residual is noise, and AuxK revives nothing). Its
-backward is a matmul over the dead columns only, on the dense and sparse paths.
+tokens, then stops, the latent being alive again. Unlike resampling it moves no latent to a new direction, and
+unlike AuxK it needs no structure left in the residual (on planted data the residual is noise, and AuxK revives
+nothing). Its backward is a matmul over the dead columns only, on the dense and sparse paths.
 
 Resampling (Bricken et al. 2023, "Towards Monosemanticity", and the dictionary_learning recipe): every
 ``resample_every`` steps each dead latent is re-initialised toward one token of the batch drawn with probability
@@ -113,7 +113,11 @@ def preact_loss(cc, x: torch.Tensor, out, dead: torch.Tensor, coef: float) -> to
         bar = cc.log_threshold.exp()[dead_idx]
     elif cc.activation == "topk":
         with torch.no_grad():
-            bar = (torch.relu(out.pre_acts.detach()) * n_all).topk(cc.k, dim=-1).values[:, -1:]  # [B, 1]
+            if out.active is not None:  # the sparse path kept the k winners of each token, in token order
+                a = out.active
+                bar = (a.values.detach() * n_all[a.cols]).view(B, cc.k).min(-1, keepdim=True).values  # [B, 1]
+            else:
+                bar = (torch.relu(out.pre_acts.detach()) * n_all).topk(cc.k, dim=-1).values[:, -1:]
     else:
         bar = cc.batchtopk_threshold.detach().clamp(min=0)
     # the dead columns' pre-activations again, with their own graph: the same numbers as the forward's on either

@@ -291,9 +291,10 @@ def _jumprelu_crosscoder(sparse: bool, S=3, D=8, F=32, seed=0) -> Crosscoder:
     return cc
 
 
+@pytest.mark.parametrize("sparse", [True, False])  # topk's bar: from the kept winners, or a top-k of the dense scores
 @pytest.mark.parametrize("activation", ["jumprelu", "topk", "batchtopk"])
-def test_preact_loss_and_gradients_match_float64_reference(activation):
-    cc = _jumprelu_crosscoder(sparse=True) if activation == "jumprelu" else _topk_crosscoder(sparse=True)
+def test_preact_loss_and_gradients_match_float64_reference(activation, sparse):
+    cc = _jumprelu_crosscoder(sparse=sparse) if activation == "jumprelu" else _topk_crosscoder(sparse=sparse)
     cc.activation = activation
     B, F, coef = 48, 32, 0.5
     x = torch.randn(B, 3, 8, generator=torch.Generator().manual_seed(1))
